@@ -1,0 +1,20 @@
+"""mechlora: find where paraphrases diverge inside a (vision-)language model, fix those layers.
+
+    import mechlora
+    subject = mechlora.load_model("tiny-gemma3-vlm")
+    result = mechlora.localize(subject, "pairs.jsonl")
+    print(mechlora.select_layers(result.scores, "window:5").spec)
+"""
+
+from mechlora.data import Pair, QuestionGroup, Variant, load_groups, make_pairs
+from mechlora.errors import DataError, MechloraError
+from mechlora.localize import localize
+from mechlora.models import Subject, load_adapter, load_model, wrap
+from mechlora.result import LocalizationResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataError", "LocalizationResult", "MechloraError", "Pair", "QuestionGroup", "Subject",
+    "Variant", "load_adapter", "load_groups", "load_model", "localize", "make_pairs", "wrap",
+]

@@ -1,0 +1,3 @@
+from mechlora.cli import main
+
+main()

@@ -1,0 +1,184 @@
+"""`localize`: where in the layer stack does one paraphrase's answer become the other's?
+
+For each pair (donor a, recipient b) and each site (layer, component) the recipient runs with
+a's activation patched in at aligned positions; restoration r = (m(b<-a) - m(b)) / (m(a) - m(b))
+says how much of a's answer that site carries. Per-layer divergence of the clean runs (cosine
+distance, logit-lens KL) is recorded alongside, at no extra forward.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mechlora.data import Pair, QuestionGroup, load_groups, load_image, make_pairs
+from mechlora.errors import MechloraError
+from mechlora.models.subject import Subject
+from mechlora.patching import RUNNERS, SitePatch, choose_engine, last_logits, margin
+from mechlora.probes import COMPONENTS, Site, all_sites, record
+from mechlora.result import LocalizationResult
+
+
+@dataclass
+class CleanRun:
+    """One prompt's clean forward: inputs, margin, prediction, and recorded activations."""
+
+    inputs: dict
+    positions: torch.Tensor          # [P] aligned positions (absolute, this prompt)
+    values: dict[Site, torch.Tensor]  # site -> [P, hidden]
+    resid_last: torch.Tensor         # [L, hidden] residual stream at the last position
+    margin: float
+    pred: int
+
+
+def parse_positions(spec: str) -> tuple[str, int]:
+    """`last`, `suffix:K` (last K positions, aligned from the end) or `image`."""
+    if spec == "last":
+        return "last", 1
+    if spec == "image":
+        return "image", 0
+    if spec.startswith("suffix:") and spec[7:].isdigit() and int(spec[7:]) > 0:
+        return "suffix", int(spec[7:])
+    raise MechloraError(f"unknown positions '{spec}'; use last, suffix:K (e.g. suffix:4) or image")
+
+
+def aligned_positions(subject: Subject, inputs: dict, spec: str) -> torch.Tensor:
+    kind, k = parse_positions(spec)
+    length = inputs["input_ids"].shape[1]
+    if kind == "image":
+        token = getattr(subject.base.config, "image_token_id", None)
+        if token is None or not subject.is_vlm:
+            raise MechloraError("positions 'image' need a vision-language model")
+        pos = (inputs["input_ids"][0] == token).nonzero().flatten()
+        if len(pos) == 0:
+            raise MechloraError("positions 'image' need pairs with an image")
+        return pos
+    if k > length:
+        raise MechloraError(f"positions {spec} is longer than a prompt of {length} tokens")
+    return torch.arange(length - k, length)
+
+
+def clean_run(subject: Subject, question: str, image, ref: int, answer_ids: Sequence[int],
+              sites: Sequence[Site], spec: str) -> CleanRun:
+    inputs = subject.encode([question], [image])
+    positions = aligned_positions(subject, inputs, spec)
+    last = torch.tensor([[inputs["input_ids"].shape[1] - 1]])
+    resid_sites = all_sites(subject.n_layers, ["resid"])
+    with record(subject, sites, positions[None]) as values, \
+            record(subject, resid_sites, last) as resid:
+        logits = last_logits(subject, inputs)
+    choice_logits = logits[0, list(answer_ids)]
+    return CleanRun(
+        inputs=inputs, positions=positions,
+        values={s: v[0] for s, v in values.items()},
+        resid_last=torch.stack([resid[s][0, 0] for s in resid_sites]).float(),
+        margin=float(margin(logits, answer_ids, ref)[0]), pred=int(choice_logits.argmax()),
+    )
+
+
+def divergence(subject: Subject, a: CleanRun, b: CleanRun) -> dict[str, np.ndarray]:
+    """Per-layer cosine distance and logit-lens KL(a || b) of the last-position residuals."""
+    cos = 1 - F.cosine_similarity(a.resid_last, b.resid_last, dim=-1)
+    logp_a = F.log_softmax(subject.logit_lens(a.resid_last.to(subject.device)).float(), -1)
+    logp_b = F.log_softmax(subject.logit_lens(b.resid_last.to(subject.device)).float(), -1)
+    kl = (logp_a.exp() * (logp_a - logp_b)).sum(-1)
+    return {"cosine": cos.cpu().numpy(), "logit_lens_kl": kl.cpu().numpy()}
+
+
+def _as_pairs(pairs) -> list[Pair]:
+    if isinstance(pairs, (str, Path)):
+        return make_pairs(load_groups(pairs))
+    pairs = list(pairs)
+    if pairs and isinstance(pairs[0], QuestionGroup):
+        return make_pairs(pairs)
+    return pairs
+
+
+def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] | str | Path, *,
+             components: Sequence[str] = COMPONENTS, positions: str = "last",
+             engine: str = "auto", only_flips: bool = False, min_delta: float = 1e-3,
+             max_rows: int = 128, n_boot: int = 1000, progress: bool = True,
+             ) -> LocalizationResult:
+    """Patch every (layer, component) site from each pair's donor into its recipient.
+
+    `pairs` are ordered: pair (a, b) patches a's activations into b's run; `make_pairs` forms
+    both directions. `only_flips` keeps pairs whose predicted answers differ; pairs with
+    |m(a) - m(b)| < `min_delta` cannot be normalised and are reported in `excluded`.
+    """
+    from mechlora.models import wrap
+
+    subject = wrap(subject, None) if not isinstance(subject, Subject) else subject
+    pairs = _as_pairs(pairs)
+    if not pairs:
+        raise MechloraError("no pairs to localize: the data has no paraphrase pairs")
+    parse_positions(positions)
+    sites = all_sites(subject.n_layers, components)
+    rows: dict[str, list] = {"pair": [], "group": [], "ma": [], "mb": []}
+    restoration = {c: [] for c in components}
+    div = {"cosine": [], "logit_lens_kl": []}
+    excluded, used_engines = [], set()
+    answer_ids: dict[tuple, list[int]] = {}
+    runs: dict[tuple[str, int], CleanRun] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(pairs, desc="localize", unit="pair", disable=not progress)
+    with torch.inference_mode():
+        for pair in bar:
+            g = pair.group
+            if g.choices not in answer_ids:
+                answer_ids[g.choices] = subject.answer_token_ids(g.choices,
+                                                                 where=(g.source, g.line))
+            ids = answer_ids[g.choices]
+            image = load_image(g.image) if (g.image is not None and subject.is_vlm) else None
+            for v in (pair.a, pair.b):
+                if (g.id, v) not in runs:
+                    runs = {k: r for k, r in runs.items() if k[0] == g.id}  # bound the memory
+                    runs[(g.id, v)] = clean_run(subject, g.variants[v].text, image,
+                                                g.answer_index, ids, sites, positions)
+            a, b = runs[(g.id, pair.a)], runs[(g.id, pair.b)]
+            if only_flips and a.pred == b.pred:
+                continue
+            if len(a.positions) != len(b.positions):
+                raise MechloraError(f"pair {pair.id}: {len(a.positions)} vs {len(b.positions)} "
+                                    f"aligned positions for '{positions}'")
+            delta = a.margin - b.margin
+            if abs(delta) < min_delta:
+                excluded.append({"id": pair.id, "margin_a": a.margin, "margin_b": b.margin,
+                                 "reason": f"|m(a) - m(b)| < {min_delta}"})
+                continue
+            patches = [SitePatch(s, b.positions, a.values[s]) for s in sites]
+            name = choose_engine(engine, subject, b.inputs, patches)
+            used_engines.add(name)
+            patched = RUNNERS[name](subject, b.inputs, patches, ids, g.answer_index,
+                                    max_rows=max_rows)
+            r = ((patched.cpu().numpy() - b.margin) / delta).reshape(len(components), -1)
+            for i, c in enumerate(components):
+                restoration[c].append(r[i])
+            for k, v in divergence(subject, a, b).items():
+                div[k].append(v)
+            rows["pair"].append(pair.id)
+            rows["group"].append(g.id)
+            rows["ma"].append(a.margin)
+            rows["mb"].append(b.margin)
+            bar.set_postfix(kept=len(rows["pair"]), excluded=len(excluded))
+    n_layers = subject.n_layers
+
+    def stack(values: list) -> np.ndarray:
+        return np.stack(values) if values else np.zeros((0, n_layers))
+
+    return LocalizationResult(
+        model=subject.name, n_layers=n_layers, components=tuple(components), positions=positions,
+        engine="+".join(sorted(used_engines)) or engine, pair_ids=rows["pair"],
+        group_ids=rows["group"], restoration={c: stack(v) for c, v in restoration.items()},
+        margin_a=np.array(rows["ma"]), margin_b=np.array(rows["mb"]),
+        divergence={k: stack(v) for k, v in div.items()}, excluded=excluded, n_boot=n_boot,
+        settings={"engine": engine, "only_flips": only_flips, "min_delta": min_delta,
+                  "max_rows": max_rows, "n_pairs_in": len(pairs),
+                  "seconds": round(time.perf_counter() - t0, 3)},
+    )

@@ -1,0 +1,220 @@
+"""The model adapter: where a model keeps its decoder layers, and how to prompt it.
+
+A `Subject` wraps an HF model (plain or PEFT-wrapped) plus its tokenizer or processor. It names
+the pieces the probes hook (decoder layers, each layer's attention and MLP, the final norm, the
+unembedding) and turns a question (+ image) into model inputs. It never touches vision layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from mechlora.errors import DataError, MechloraError
+
+# Dotted paths from the (unwrapped) HF model to its decoder-layer list, most specific first:
+# Gemma 3 / LLaVA VLMs, Llama-family decoders (Llama, Qwen2, Mistral, Gemma 2/3), GPT-2, NeoX.
+LAYER_PATHS = ("model.language_model.layers", "model.layers", "transformer.h", "gpt_neox.layers",
+               "language_model.model.layers")
+ATTN_NAMES = ("self_attn", "attn", "attention")
+MLP_NAMES = ("mlp", "feed_forward")
+NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    module = root
+    for part in path.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def _find(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return get_module(root, path)
+    except (AttributeError, IndexError):
+        return None
+
+
+@dataclass
+class Subject:
+    """A model and its processor, with the module map mechlora's probes need.
+
+    `layers_path` overrides the search for the decoder-layer list (e.g. "model.layers").
+    `template` is used for models without a chat template; it must contain "{question}".
+    """
+
+    model: nn.Module
+    processor: Any
+    name: str = "model"
+    layers_path: str | None = None
+    template: str = DEFAULT_TEMPLATE
+    image_size: int | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.layers_path is None:
+            self.layers_path = next(
+                (p for p in LAYER_PATHS if isinstance(_find(self.base, p), nn.ModuleList)), None)
+        if self.layers_path is None or not isinstance(_find(self.base, self.layers_path),
+                                                      nn.ModuleList):
+            raise MechloraError(
+                f"cannot find the decoder layers of {type(self.base).__name__}; pass "
+                "layers_path='dotted.path.to.layers' (the nn.ModuleList of decoder blocks, e.g. "
+                "'model.layers'); searched: " + ", ".join(LAYER_PATHS))
+        if "{question}" not in self.template:
+            raise MechloraError("the prompt template must contain '{question}'")
+
+    # -- module map -------------------------------------------------------------------------
+    @property
+    def base(self) -> nn.Module:
+        """The HF model under any PEFT wrapper."""
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if callable(get_base) else self.model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return get_module(self.base, self.layers_path)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def _child(self, layer: int, names: Sequence[str], what: str) -> nn.Module:
+        block = self.layers[layer]
+        for name in names:
+            if isinstance(getattr(block, name, None), nn.Module):
+                return getattr(block, name)
+        raise MechloraError(f"layer {layer} ({type(block).__name__}) has no {what} submodule; "
+                            f"looked for {', '.join(names)}")
+
+    def attn(self, layer: int) -> nn.Module:
+        return self._child(layer, ATTN_NAMES, "attention")
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self._child(layer, MLP_NAMES, "MLP")
+
+    @property
+    def final_norm(self) -> nn.Module:
+        parent = get_module(self.base, self.layers_path.rsplit(".", 1)[0])
+        for name in NORM_NAMES:
+            if isinstance(getattr(parent, name, None), nn.Module):
+                return getattr(parent, name)
+        raise MechloraError(f"cannot find the final norm beside {self.layers_path}")
+
+    @property
+    def unembed(self) -> nn.Module:
+        return self.base.get_output_embeddings()
+
+    def logit_lens(self, resid: torch.Tensor) -> torch.Tensor:
+        """Final norm + unembedding applied to residual-stream vectors (the logit lens)."""
+        logits = self.unembed(self.final_norm(resid))
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    @property
+    def text_config(self):
+        cfg = self.base.config
+        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- prompting --------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def is_vlm(self) -> bool:
+        return hasattr(self.processor, "image_processor")
+
+    @cached_property
+    def _has_chat_template(self) -> bool:
+        return bool(getattr(self.processor, "chat_template", None)
+                    or getattr(self.tokenizer, "chat_template", None))
+
+    def prompt(self, question: str, with_image: bool = False) -> str:
+        """The prompt text; the answer's first token is predicted at its last position."""
+        if not self._has_chat_template:
+            return self.template.format(question=question)
+        if with_image:
+            content = [{"type": "image"}, {"type": "text", "text": question}]
+        elif self.is_vlm:
+            content = [{"type": "text", "text": question}]
+        else:
+            content = question
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def encode(self, questions: Sequence[str], images: Sequence[Image.Image | None] | None = None
+               ) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs for a batch of questions (one optional image each).
+
+        `position_ids` come from the attention mask so that left padding does not shift them.
+        """
+        images = list(images) if images is not None else [None] * len(questions)
+        texts = [self.prompt(q, with_image=img is not None) for q, img in zip(questions, images)]
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        if any(img is not None for img in images):
+            if not self.is_vlm:
+                raise MechloraError(f"{self.name} is a text-only model; drop the images or use a "
+                                    "vision-language model")
+            batch = self.processor(text=texts, images=[[img] if img is not None else []
+                                                       for img in images],
+                                   return_tensors="pt", padding=True)
+        else:
+            batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            if self.is_vlm:  # Gemma 3 expects token_type_ids when a processor is in use
+                batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        batch = dict(batch)
+        mask = batch["attention_mask"]
+        batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def gray_image(self) -> Image.Image:
+        size = self.image_size or _processor_image_size(self.processor)
+        return Image.fromarray(np.full((size, size, 3), 128, dtype=np.uint8))
+
+    def answer_token_ids(self, choices: Sequence[str], *, where: tuple[str | None, int | None] =
+                         (None, None)) -> list[int]:
+        """First token of each choice as the model would write it after the prompt.
+
+        Found by tokenising prompt + choice and reading the first new token, so leading-space
+        conventions of the tokenizer are respected rather than guessed.
+        """
+        tok = self.tokenizer
+        prompt = self.prompt("?", with_image=False)
+        base = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = []
+        for choice in choices:
+            full = tok(prompt + choice, add_special_tokens=False)["input_ids"]
+            if len(full) <= len(base) or full[: len(base)] != base:
+                # The choice merged with the prompt's last token: fall back to the token the
+                # choice starts with on its own.
+                full = base + tok(choice, add_special_tokens=False)["input_ids"]
+            ids.append(full[len(base)])
+        seen: dict[int, str] = {}
+        for choice, i in zip(choices, ids):
+            if i in seen:
+                raise DataError(
+                    f"choices '{seen[i]}' and '{choice}' begin with the same token "
+                    f"({tok.convert_ids_to_tokens(i)!r}), so the model's first answer token cannot "
+                    "tell them apart; reword one of them", file=where[0], line=where[1],
+                    field="choices")
+            seen[i] = choice
+        return ids
+
+
+def _processor_image_size(processor: Any) -> int:
+    size = getattr(getattr(processor, "image_processor", None), "size", None) or {}
+    return int(size.get("height") or size.get("shortest_edge") or 224)

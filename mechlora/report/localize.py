@@ -1,0 +1,92 @@
+"""The localize report: restoration curves with CI bands, score bars, per-pair heatmap,
+observational divergence."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from mechlora.report.page import Page
+from mechlora.result import LocalizationResult
+
+COLORS = {"resid": "#1f77b4", "attn": "#ff7f0e", "mlp": "#2ca02c"}
+
+
+def restoration_figure(result: LocalizationResult) -> go.Figure:
+    fig = go.Figure()
+    x = np.arange(result.n_layers)
+    for c in result.components:
+        mean = result.mean(c)
+        lo, hi = result.ci(c)
+        color = COLORS.get(c, "#444")
+        fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]),
+                                 y=np.concatenate([hi, lo[::-1]]), fill="toself",
+                                 fillcolor=color, opacity=0.2, line=dict(width=0),
+                                 hoverinfo="skip", showlegend=False))
+        fig.add_trace(go.Scatter(x=x, y=mean, mode="lines+markers", name=c,
+                                 line=dict(color=color)))
+    fig.update_layout(title="Restoration r per layer (mean over pairs, 95% bootstrap CI)",
+                      xaxis_title="layer", yaxis_title="restoration r", height=420)
+    return fig
+
+
+def score_figure(result: LocalizationResult, selected: list[int] | None = None) -> go.Figure:
+    lo, hi = result.score_ci()
+    scores = result.scores
+    chosen = set(selected or [])
+    fig = go.Figure(go.Bar(
+        x=np.arange(result.n_layers), y=scores,
+        error_y=dict(type="data", symmetric=False, array=hi - scores, arrayminus=scores - lo),
+        marker_color=["#d62728" if i in chosen else "#7f7f7f" for i in range(result.n_layers)]))
+    fig.update_layout(title=f"Per-layer score ({result.score_name}); selected layers in red",
+                      xaxis_title="layer", yaxis_title="score", height=380)
+    return fig
+
+
+def heatmap_figure(result: LocalizationResult) -> go.Figure:
+    per_pair = result.per_pair_scores()
+    labels = [html.escape(p) for p in result.pair_ids]
+    fig = go.Figure(go.Heatmap(z=per_pair, x=np.arange(result.n_layers), y=labels,
+                               colorscale="RdBu", zmid=0, colorbar=dict(title="score")))
+    fig.update_layout(title="Per-pair score", xaxis_title="layer",
+                      height=max(300, 18 * len(labels) + 120))
+    return fig
+
+
+def divergence_figure(result: LocalizationResult) -> go.Figure:
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("cosine distance (last position)",
+                                                        "logit-lens KL(a || b)"))
+    for col, key in enumerate(("cosine", "logit_lens_kl"), start=1):
+        values = result.divergence.get(key)
+        if values is not None and len(values):
+            fig.add_trace(go.Scatter(x=np.arange(result.n_layers), y=values.mean(0),
+                                     mode="lines+markers", name=key), row=1, col=col)
+    fig.update_layout(height=360, showlegend=False)
+    return fig
+
+
+def write_localize_report(result: LocalizationResult, path: str | Path,
+                          selection=None, plotlyjs: str = "embed") -> Path:
+    page = Page(f"mechlora localize: {result.model}")
+    page.text(f"{result.n_pairs} pairs from {len(set(result.group_ids))} question groups, "
+              f"{len(result.excluded)} excluded; positions '{result.positions}', engine "
+              f"'{result.engine}', {result.n_layers} layers.")
+    if selection is not None:
+        page.heading("Selected layers").text(selection.reason)
+    if result.n_pairs:
+        page.heading("Restoration").figure(restoration_figure(result))
+        page.text("r = (m(b<-a) - m(b)) / (m(a) - m(b)): 0 = patching the site does nothing, "
+                  "1 = the recipient takes the donor's answer.", note=True)
+        page.heading("Where the divergence is written").figure(
+            score_figure(result, list(selection.spec.layers) if selection else None))
+        page.figure(heatmap_figure(result))
+        page.heading("Observational divergence").figure(divergence_figure(result))
+    if result.excluded:
+        page.heading("Excluded pairs").table(
+            ["pair", "m(a)", "m(b)", "reason"],
+            [[e["id"], e["margin_a"], e["margin_b"], e["reason"]] for e in result.excluded])
+    return page.write(path, plotlyjs=plotlyjs)

@@ -1,0 +1,176 @@
+"""`LocalizationResult`: per-pair restoration arrays, their summaries, and their files.
+
+Files: `localization.json` (versioned schema, documented in docs/localize.md) and
+`arrays.safetensors` (per-pair arrays, never pickled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mechlora.errors import MechloraError
+from mechlora.io import load_arrays, read_json, save_arrays, write_json
+
+SCHEMA_VERSION = 1
+
+
+def bootstrap_mean_ci(values: np.ndarray, clusters: np.ndarray, *, n_boot: int = 1000,
+                      level: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap CI of the column means of `values` [n, L], resampling clusters.
+
+    Pairs of one question share its image and phrasings, so questions (clusters) are the
+    independent units, not pairs.
+    """
+    if len(values) == 0:
+        nan = np.full(values.shape[1:], np.nan)
+        return nan, nan
+    ids, inv = np.unique(clusters, return_inverse=True)
+    sums = np.zeros((len(ids), *values.shape[1:]))
+    np.add.at(sums, inv, np.nan_to_num(values))
+    counts = np.bincount(inv, minlength=len(ids)).astype(float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(ids), size=(n_boot, len(ids)))
+    weights = np.stack([np.bincount(d, minlength=len(ids)) for d in draws]).astype(float)
+    means = (weights @ sums.reshape(len(ids), -1)) / (weights @ counts)[:, None]
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha], axis=0)
+    return lo.reshape(values.shape[1:]), hi.reshape(values.shape[1:])
+
+
+@dataclass
+class LocalizationResult:
+    """Restoration r = (m(b<-a) - m(b)) / (m(a) - m(b)) per pair, layer and component."""
+
+    model: str
+    n_layers: int
+    components: tuple[str, ...]
+    positions: str
+    engine: str
+    pair_ids: list[str]
+    group_ids: list[str]
+    restoration: dict[str, np.ndarray]          # component -> [n_pairs, n_layers]
+    margin_a: np.ndarray                        # [n_pairs] donor margins
+    margin_b: np.ndarray                        # [n_pairs] recipient margins
+    divergence: dict[str, np.ndarray]           # "cosine" / "logit_lens_kl" -> [n_pairs, L]
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    n_boot: int = 1000
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pair_ids)
+
+    def mean(self, component: str) -> np.ndarray:
+        values = self.restoration[component]
+        return values.mean(0) if len(values) else np.full(self.n_layers, np.nan)
+
+    def ci(self, component: str) -> tuple[np.ndarray, np.ndarray]:
+        return bootstrap_mean_ci(self.restoration[component], np.asarray(self.group_ids),
+                                 n_boot=self.n_boot)
+
+    @property
+    def score_name(self) -> str:
+        return "resid_increment" if "resid" in self.components else "attn_plus_mlp"
+
+    def per_pair_scores(self) -> np.ndarray:
+        """[n_pairs, L]: where each pair's divergence is written into the residual stream.
+
+        With resid sites: the increment r_l - r_{l-1} of the residual-stream restoration
+        (r_{-1} = 0), which sums to r at the last layer. Otherwise attn + mlp restoration.
+        """
+        if "resid" in self.components:
+            r = self.restoration["resid"]
+            return np.diff(r, axis=1, prepend=0.0)
+        return sum(self.restoration[c] for c in self.components if c in ("attn", "mlp"))
+
+    @property
+    def scores(self) -> np.ndarray:
+        """The per-layer score the selector uses: the mean of `per_pair_scores` over pairs."""
+        s = self.per_pair_scores()
+        return s.mean(0) if len(s) else np.zeros(self.n_layers)
+
+    def score_ci(self) -> tuple[np.ndarray, np.ndarray]:
+        return bootstrap_mean_ci(self.per_pair_scores(), np.asarray(self.group_ids),
+                                 n_boot=self.n_boot)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON document written as localization.json."""
+        comps = {}
+        for c in self.components:
+            lo, hi = self.ci(c)
+            comps[c] = {"mean": self.mean(c), "ci_low": lo, "ci_high": hi}
+        lo, hi = self.score_ci()
+        div = {k: (v.mean(0) if len(v) else np.full(self.n_layers, np.nan))
+               for k, v in self.divergence.items()}
+        return _finite({
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "n_layers": self.n_layers,
+            "components": list(self.components),
+            "positions": self.positions,
+            "engine": self.engine,
+            "n_pairs": self.n_pairs,
+            "n_groups": len(set(self.group_ids)),
+            "n_excluded": len(self.excluded),
+            "restoration": comps,
+            "score": {"name": self.score_name, "values": self.scores, "ci_low": lo, "ci_high": hi},
+            "divergence": div,
+            "pairs": [{"id": p, "group": g, "margin_a": ma, "margin_b": mb}
+                      for p, g, ma, mb in zip(self.pair_ids, self.group_ids, self.margin_a,
+                                              self.margin_b)],
+            "excluded": self.excluded,
+            "settings": self.settings,
+        })
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = {f"restoration.{c}": v for c, v in self.restoration.items()}
+        arrays.update({f"divergence.{k}": v for k, v in self.divergence.items()})
+        arrays.update(margin_a=self.margin_a, margin_b=self.margin_b)
+        save_arrays(out / "arrays.safetensors",
+                    {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()})
+        write_json(out / "localization.json", self.summary())
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> LocalizationResult:
+        path = Path(path)
+        folder = path.parent if path.name == "localization.json" else path
+        doc = read_json(folder / "localization.json")
+        if doc.get("schema_version") != SCHEMA_VERSION:
+            raise MechloraError(f"{folder}/localization.json has schema version "
+                                f"{doc.get('schema_version')}; this mechlora reads "
+                                f"{SCHEMA_VERSION}")
+        if not (folder / "arrays.safetensors").is_file():
+            raise MechloraError(f"{folder} has no arrays.safetensors; rerun mechlora localize")
+        arrays = load_arrays(folder / "arrays.safetensors")
+        return cls(
+            model=doc["model"], n_layers=doc["n_layers"], components=tuple(doc["components"]),
+            positions=doc["positions"], engine=doc["engine"],
+            pair_ids=[p["id"] for p in doc["pairs"]], group_ids=[p["group"] for p in doc["pairs"]],
+            restoration={c: arrays[f"restoration.{c}"] for c in doc["components"]},
+            margin_a=arrays["margin_a"], margin_b=arrays["margin_b"],
+            divergence={k.split(".", 1)[1]: v for k, v in arrays.items()
+                        if k.startswith("divergence.")},
+            excluded=doc["excluded"], settings=doc["settings"],
+        )
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _finite(obj.tolist())
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
