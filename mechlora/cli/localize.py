@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from mechlora.cli import app
@@ -53,6 +54,7 @@ def localize(
     groups = load_groups(pairs or EXAMPLE_PATH)
     pair_list = make_pairs(groups, max_pairs_per_group=max_pairs_per_group)
     subject = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    select_layers(np.ones(subject.n_layers), rule)  # a bad rule fails now, not after the sweep
     typer.echo(f"localize: {subject.name}, {subject.n_layers} layers, {len(pair_list)} pairs "
                f"from {len(groups)} questions")
     result = run(subject, pair_list, components=[c.strip() for c in sites.split(",")],

@@ -94,9 +94,19 @@ def _organism():
     return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
 
 
+def _gemma3_270m():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mechlora.models.gemma270m import gemma3_270m_dir
+
+    path = gemma3_270m_dir()
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
 PRESETS = {
     "tiny-gemma3-vlm": tiny_gemma3_vlm,
     "tiny-gemma3-text": tiny_gemma3_text,
     "medgemma-4b": medgemma_4b,
     "organism": _organism,
+    "gemma3-270m": _gemma3_270m,
 }

@@ -194,10 +194,12 @@ class Subject:
         """
         tok = self.tokenizer
         prompt = self.prompt("?", with_image=False)
+        # A chat turn ends in a newline; a plain "Answer:" template is followed by a space.
+        sep = "" if prompt[-1:].isspace() else " "
         base = tok(prompt, add_special_tokens=False)["input_ids"]
         ids = []
         for choice in choices:
-            full = tok(prompt + choice, add_special_tokens=False)["input_ids"]
+            full = tok(prompt + sep + choice, add_special_tokens=False)["input_ids"]
             if len(full) <= len(base) or full[: len(base)] != base:
                 # The choice merged with the prompt's last token: fall back to the token the
                 # choice starts with on its own.
