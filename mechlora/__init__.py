@@ -8,6 +8,7 @@
 
 from mechlora.data import Pair, QuestionGroup, Variant, load_groups, make_pairs
 from mechlora.errors import DataError, MechloraError
+from mechlora.evaluate import EvalResult, evaluate
 from mechlora.localize import localize
 from mechlora.models import Subject, load_adapter, load_model, wrap
 from mechlora.result import LocalizationResult
@@ -15,6 +16,7 @@ from mechlora.result import LocalizationResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "DataError", "LocalizationResult", "MechloraError", "Pair", "QuestionGroup", "Subject",
-    "Variant", "load_adapter", "load_groups", "load_model", "localize", "make_pairs", "wrap",
+    "DataError", "EvalResult", "LocalizationResult", "MechloraError", "Pair", "QuestionGroup",
+    "Subject", "Variant", "evaluate", "load_adapter", "load_groups", "load_model", "localize",
+    "make_pairs", "wrap",
 ]

@@ -4,7 +4,7 @@ import torch
 from mechlora.models import wrap
 from mechlora.models.presets import tiny_gemma3_text, tiny_gemma3_vlm
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 
 @pytest.fixture(scope="session")
