@@ -33,6 +33,9 @@ def _tiny_text_config(vocab_size: int, n_layers: int = 34) -> dict:
         num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=512,
         vocab_size=vocab_size, max_position_embeddings=2048,
         pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        # Wider than HF's 0.02 so that random margins are ~1 logit, not ~0.2: restoration
+        # divides by margin differences.
+        initializer_range=0.1,
     )
 
 
