@@ -86,7 +86,7 @@ def main() -> None:
     result, seconds = timed(lambda: localize(subject, pairs, progress=False, min_delta=0.0))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     print(f"default engine ({result.engine}): {len(pairs) / seconds:.2f} pairs/s "
-          f"({seconds / len(pairs) * 1000:.0f} ms/pair, 102 patched rows per ordered pair; the list holds both directions), "
+          f"({seconds / len(pairs) * 1000:.0f} ms per ordered pair of 102 patched rows), "
           f"peak {peak:.1f} GiB")
 
     # Agreement with one full forward per site, on a sample of sites of the first pair.

@@ -12,11 +12,12 @@ from mechlora.evaluate import EvalResult, evaluate
 from mechlora.localize import localize
 from mechlora.models import Subject, load_adapter, load_model, wrap
 from mechlora.result import LocalizationResult
+from mechlora.train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DataError", "EvalResult", "LocalizationResult", "MechloraError", "Pair", "QuestionGroup",
-    "Subject", "Variant", "evaluate", "load_adapter", "load_groups", "load_model", "localize",
-    "make_pairs", "wrap",
+    "Subject", "TrainConfig", "TrainResult", "Variant", "evaluate", "load_adapter",
+    "load_groups", "load_model", "localize", "make_pairs", "train", "wrap",
 ]

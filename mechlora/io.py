@@ -17,15 +17,22 @@ from mechlora.errors import MechloraError
 def prepare_out_dir(path: str | os.PathLike, overwrite: bool = False, *,
                     resume: bool = False) -> Path:
     """Create an output folder; refuse to reuse a non-empty one unless told to."""
+    out = check_out_dir(path, overwrite, resume=resume)
+    if out.exists() and overwrite and not resume:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_out_dir(path: str | os.PathLike, overwrite: bool = False, *,
+                  resume: bool = False) -> Path:
+    """Raise if `path` cannot be used as an output folder; changes nothing."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise MechloraError(f"{out} exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise MechloraError(f"{out} already holds results; pass --overwrite to replace them "
                             "or choose another --out")
-    if out.exists() and overwrite and not resume:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
