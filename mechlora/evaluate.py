@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from mechlora.data import QuestionGroup, data_hash, load_groups, load_image
 from mechlora.errors import MechloraError
+from mechlora.features import with_image_features
 from mechlora.io import prepare_out_dir, read_json, write_json, write_jsonl
 from mechlora.metrics import VariantPrediction, compare, compute_metrics
 from mechlora.models.subject import Subject
@@ -308,7 +309,8 @@ def run_arm(subject: Subject, rows: Sequence[tuple[QuestionGroup, int]],
     t0 = time.perf_counter()
     for batch in batches(prompts, batch_size):
         inputs = subject.encode([p.text for p in batch], [images(p.image) for p in batch])
-        logits = subject.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
+        logits = subject.model(**with_image_features(subject, inputs), logits_to_keep=1,
+                               use_cache=False).logits[:, -1]
         for k, p in enumerate(batch):
             g = rows[p.row][0]
             ids = answer_ids[g.choices]

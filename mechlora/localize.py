@@ -8,6 +8,7 @@ distance, logit-lens KL) is recorded alongside, at no extra forward.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from mechlora.errors import MechloraError
 from mechlora.models.subject import Subject
 from mechlora.patching import RUNNERS, SitePatch, choose_engine, last_logits, margin
 from mechlora.probes import COMPONENTS, Site, all_sites, record
-from mechlora.result import LocalizationResult
+from mechlora.result import LocalizationResult, merge_results
 
 
 @dataclass
@@ -86,8 +87,9 @@ def clean_run(subject: Subject, question: str, image, ref: int, answer_ids: Sequ
 def divergence(subject: Subject, a: CleanRun, b: CleanRun) -> dict[str, np.ndarray]:
     """Per-layer cosine distance and logit-lens KL(a || b) of the last-position residuals."""
     cos = 1 - F.cosine_similarity(a.resid_last, b.resid_last, dim=-1)
-    logp_a = F.log_softmax(subject.logit_lens(a.resid_last.to(subject.device)).float(), -1)
-    logp_b = F.log_softmax(subject.logit_lens(b.resid_last.to(subject.device)).float(), -1)
+    dtype = subject.unembed.weight.dtype  # residuals were kept in fp32; the model may be bf16
+    logp_a = F.log_softmax(subject.logit_lens(a.resid_last.to(subject.device, dtype)).float(), -1)
+    logp_b = F.log_softmax(subject.logit_lens(b.resid_last.to(subject.device, dtype)).float(), -1)
     kl = (logp_a.exp() * (logp_a - logp_b)).sum(-1)
     return {"cosine": cos.cpu().numpy(), "logit_lens_kl": kl.cpu().numpy()}
 
@@ -103,22 +105,64 @@ def _as_pairs(pairs) -> list[Pair]:
 
 def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] | str | Path, *,
              components: Sequence[str] = COMPONENTS, positions: str = "last",
-             engine: str = "auto", only_flips: bool = False, min_delta: float = 1e-3,
+             engine: str = "auto", only_flips: bool = False, min_delta: float = 0.25,
              max_rows: int = 128, n_boot: int = 1000, progress: bool = True,
-             ) -> LocalizationResult:
+             verify_top: int = 0) -> LocalizationResult:
     """Patch every (layer, component) site from each pair's donor into its recipient.
 
     `pairs` are ordered: pair (a, b) patches a's activations into b's run; `make_pairs` forms
     both directions. `only_flips` keeps pairs whose predicted answers differ; pairs with
     |m(a) - m(b)| < `min_delta` cannot be normalised and are reported in `excluded`.
+    `subject` may be a TransformerLens `TransformerBridge`. `engine="attribution"` estimates
+    restoration from gradients (mechlora.attribution); `verify_top=K` then checks K sites exactly.
     """
+    from mechlora.bridges import as_subject
     from mechlora.models import wrap
 
+    subject = as_subject(subject)
+    if engine == "attribution":
+        from mechlora.attribution import attribute
+
+        return attribute(subject, pairs, components=components, positions=positions,
+                         only_flips=only_flips, min_delta=min_delta, max_rows=max_rows,
+                         n_boot=n_boot, progress=progress, verify_top=verify_top)
+    if verify_top:
+        raise MechloraError("verify_top checks engine='attribution' against exact patching; "
+                            "use it with that engine only")
     subject = wrap(subject, None) if not isinstance(subject, Subject) else subject
     pairs = _as_pairs(pairs)
     if not pairs:
         raise MechloraError("no pairs to localize: the data has no paraphrase pairs")
     parse_positions(positions)
+    all_sites(subject.n_layers, components)  # bad options fail before any work
+    kw = dict(components=components, positions=positions, engine=engine,
+              only_flips=only_flips, min_delta=min_delta, max_rows=max_rows, n_boot=n_boot)
+    world = distributed_state()
+    if world is None:
+        return _sweep(subject, pairs, progress=progress, **kw)
+    # `accelerate launch`: each process sweeps every world-th pair; one result comes back.
+    from accelerate.utils import gather_object
+
+    part = _sweep(subject, pairs[world.process_index::world.num_processes],
+                  progress=progress and world.is_main_process, **kw)
+    return merge_results(gather_object([part]), [p.id for p in pairs])
+
+
+def distributed_state():
+    """accelerate's process state when launched on several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    # Without cpu=True accelerate leaves CPU-only processes undistributed (no gloo group).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state if state.num_processes > 1 else None
+
+
+def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str],
+           positions: str, engine: str, only_flips: bool, min_delta: float, max_rows: int,
+           n_boot: int, progress: bool) -> LocalizationResult:
+    """The sweep over `pairs` in this process."""
     sites = all_sites(subject.n_layers, components)
     rows: dict[str, list] = {"pair": [], "group": [], "ma": [], "mb": []}
     restoration = {c: [] for c in components}

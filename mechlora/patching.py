@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from mechlora.errors import MechloraError
+from mechlora.features import with_image_features
 from mechlora.models.subject import Subject
 from mechlora.probes import Patch, Site, patch
 
-ENGINES = ("auto", "full", "batched", "cached")
+ENGINES = ("auto", "full", "batched", "cached", "nnsight", "tlens")
 
 
 @dataclass
@@ -43,7 +44,8 @@ def margin(logits: torch.Tensor, answer_ids: Sequence[int], ref: int) -> torch.T
 
 
 def last_logits(subject: Subject, inputs: dict, **kw) -> torch.Tensor:
-    out = subject.model(**inputs, logits_to_keep=1, use_cache=False, **kw)
+    out = subject.model(**with_image_features(subject, inputs), logits_to_keep=1,
+                        use_cache=False, **kw)
     return out.logits[:, -1]
 
 
@@ -51,19 +53,8 @@ def repeat_inputs(subject: Subject, inputs: dict, rows: int) -> dict:
     """`inputs` (batch 1) as `rows` identical rows; an image is encoded once, not per row."""
     out = {k: v.expand(rows, *v.shape[1:]) for k, v in inputs.items() if k != "pixel_values"}
     if "pixel_values" in inputs:
-        out.update(image_inputs(subject, inputs["pixel_values"], rows))
+        out.update(with_image_features(subject, {"pixel_values": inputs["pixel_values"]}, rows))
     return out
-
-
-def image_inputs(subject: Subject, pixel_values: torch.Tensor, rows: int = 1) -> dict:
-    """Precomputed image features for models that accept them (Gemma 3), else pixel values."""
-    base = subject.base
-    if hasattr(base, "get_image_features") and "gemma3" in type(base).__name__.lower():
-        feats = base.get_image_features(pixel_values, return_dict=True)
-        pooled = feats.pooler_output
-        feats.pooler_output = pooled.repeat(rows, *[1] * (pooled.dim() - 1))
-        return {"mm_encoder_outputs": {"image": feats}}
-    return {"pixel_values": pixel_values.expand(rows, *pixel_values.shape[1:])}
 
 
 def run_full(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids, ref: int,
@@ -115,7 +106,7 @@ def run_cached(subject: Subject, inputs: dict, patches: Sequence[SitePatch], ans
     start = min(int(p.positions.min()) for p in patches)
     prefix = {k: v[:, :start] for k, v in inputs.items() if k != "pixel_values"}
     if "pixel_values" in inputs:
-        prefix.update(image_inputs(subject, inputs["pixel_values"]))
+        prefix.update(with_image_features(subject, {"pixel_values": inputs["pixel_values"]}))
     out = subject.model(**prefix, use_cache=True, logits_to_keep=1)
     cache = getattr(out, "cache", None) or out.past_key_values
     snapshot = [(layer, layer.keys, layer.values, getattr(layer, "cumulative_length", None))
@@ -151,7 +142,17 @@ def cache_kwarg(subject: Subject) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-RUNNERS = {"full": run_full, "batched": run_batched, "cached": run_cached}
+def _bridge(name: str):
+    # nnsight and TransformerLens take seconds to import: load them on first use only.
+    def run(*args, **kwargs):
+        from importlib import import_module
+
+        return getattr(import_module(f"mechlora.bridges.{name}"), f"run_{name}")(*args, **kwargs)
+    return run
+
+
+RUNNERS = {"full": run_full, "batched": run_batched, "cached": run_cached,
+           "nnsight": _bridge("nnsight"), "tlens": _bridge("tlens")}
 
 
 def choose_engine(engine: str, subject: Subject, inputs: dict,

@@ -174,3 +174,29 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
+
+
+def merge_results(parts: list[LocalizationResult], order: list[str]) -> LocalizationResult:
+    """One result from shards of a pair list, rows in the original pair order."""
+    rank = {pid: i for i, pid in enumerate(order)}
+    rows = sorted((rank[pid], k, i) for k, part in enumerate(parts)
+                  for i, pid in enumerate(part.pair_ids))
+    first = parts[0]
+
+    def take(get) -> np.ndarray:
+        picked = [get(parts[k])[i] for _, k, i in rows]
+        return np.stack(picked) if picked else get(first)[:0]
+
+    excluded = sorted((e for part in parts for e in part.excluded), key=lambda e: rank[e["id"]])
+    engines = {e for part in parts for e in part.engine.split("+")}
+    settings = {**first.settings, "n_pairs_in": len(order), "processes": len(parts),
+                "seconds": max(p.settings.get("seconds", 0.0) for p in parts)}
+    return LocalizationResult(
+        model=first.model, n_layers=first.n_layers, components=first.components,
+        positions=first.positions, engine="+".join(sorted(engines)),
+        pair_ids=[parts[k].pair_ids[i] for _, k, i in rows],
+        group_ids=[parts[k].group_ids[i] for _, k, i in rows],
+        restoration={c: take(lambda p, c=c: p.restoration[c]) for c in first.components},
+        margin_a=take(lambda p: p.margin_a), margin_b=take(lambda p: p.margin_b),
+        divergence={d: take(lambda p, d=d: p.divergence[d]) for d in first.divergence},
+        excluded=excluded, settings=settings, n_boot=first.n_boot)

@@ -12,7 +12,6 @@ LoRA gradients are summed across processes: the update does not depend on the pr
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import random
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from mechlora.card import model_card, plan_text, run_record
 from mechlora.data import Pair, QuestionGroup, data_hash, load_groups, load_image, make_pairs
 from mechlora.errors import DataError, MechloraError
+from mechlora.features import supports_features, with_image_features
 from mechlora.io import atomic_write_text, prepare_out_dir, write_json
 from mechlora.loss import KL_OVER, LossTerms, consistency_loss
 from mechlora.models.subject import Subject
@@ -394,8 +394,7 @@ class Batcher:
         self._images: dict[Path, torch.Tensor] = {}
         self._choices: dict[tuple[str, ...], list[int]] = {}
         base = subject.base
-        self.features = hasattr(base, "get_image_features") and \
-            "mm_encoder_outputs" in inspect.signature(base.forward).parameters
+        self.features = supports_features(base)
         tok = subject.tokenizer
         self.pad = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
 
@@ -416,9 +415,10 @@ class Batcher:
             if path is not None and path not in self._images:
                 with torch.no_grad():
                     pixels = enc["pixel_values"]
-                    self._images[path] = (self.subject.base.get_image_features(
-                        pixels, return_dict=True).pooler_output if self.features else pixels
-                    )[0].cpu()
+                    if self.features:  # through the subject's cache: shared with localize/eval
+                        feats = with_image_features(self.subject, {"pixel_values": pixels})
+                        pixels = feats["mm_encoder_outputs"]["image"].pooler_output
+                    self._images[path] = pixels[0].cpu()
             self._prompts[key] = {k: enc[k][0].cpu() for k in ("input_ids", "token_type_ids")
                                   if k in enc}
         return self._prompts[key]

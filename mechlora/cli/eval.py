@@ -42,6 +42,8 @@ def eval_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results in "
                                             "--out.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    feature_cache: Annotated[Path | None, typer.Option(
+        help="Folder caching image features across runs (the vision tower is frozen).")] = None,
 ) -> None:
     """Evaluate a model and LoRA adapters: flip rate, accuracy, margins, text-only agreement."""
     from rich.console import Console
@@ -49,6 +51,12 @@ def eval_command(
     from mechlora.evaluate import evaluate
     from mechlora.report.eval import rich_table
 
+    if feature_cache is not None:
+        from mechlora.features import FeatureCache
+        from mechlora.models import load_model
+
+        model = load_model(model, device=device, dtype=dtype)
+        model.feature_cache = FeatureCache(feature_cache)
     result = evaluate(model, pairs, adapters=adapter or (), gray=gray, noimage=noimage,
                       swap=swap, decode=decode, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, out=out, overwrite=overwrite, progress=progress,

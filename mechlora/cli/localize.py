@@ -22,17 +22,23 @@ def localize(
     out: Path = typer.Option(Path("runs/localize"), "--out", "-o", help="Output folder."),
     sites: str = typer.Option(",".join(COMPONENTS), help="Components to patch: resid,attn,mlp."),
     positions: str = typer.Option("last", help="last | suffix:K | image"),
-    engine: str = typer.Option("auto", help="auto | cached | batched | full (all exact)."),
+    engine: str = typer.Option("auto", help="auto | cached | batched | full | nnsight | tlens "
+                               "(all exact) | attribution (gradient estimate)."),
+    verify_top: int = typer.Option(0, "--verify-top", help="With --engine attribution: re-run "
+                                   "the K strongest sites exactly; report the rank correlation."),
     only_flips: bool = typer.Option(False, "--only-flips",
                                     help="Keep only pairs whose predicted answers differ."),
     max_pairs_per_group: int = typer.Option(None, help="Cap the ordered pairs per question."),
-    min_delta: float = typer.Option(1e-3, help="Exclude pairs with |m(a)-m(b)| below this."),
+    min_delta: float = typer.Option(
+        0.25, help="Exclude pairs with |m(a)-m(b)| below this many logits: r divides by it."),
     max_rows: int = typer.Option(128, help="Patched rows per forward (memory bound)."),
     rule: str = typer.Option("window:5", help="Selection rule reported with the result."),
     dtype: str = typer.Option("auto", help="float32 | bfloat16 | float16 | auto."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub folder."),
     plotlyjs: str = typer.Option("embed", help="embed (offline report) | cdn (small file)."),
+    feature_cache: Path = typer.Option(
+        None, help="Folder caching image features across runs (the vision tower is frozen)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -44,30 +50,45 @@ def localize(
     Example: mechlora localize --model tiny-gemma3-vlm --out runs/loc
     """
     from mechlora.data import EXAMPLE_PATH, load_groups, make_pairs
-    from mechlora.io import prepare_out_dir
+    from mechlora.io import check_out_dir, prepare_out_dir
+    from mechlora.localize import distributed_state
     from mechlora.localize import localize as run
     from mechlora.models import load_model
     from mechlora.report.localize import write_localize_report
     from mechlora.select import select_layers
 
-    out_dir = prepare_out_dir(out, overwrite)
+    world = distributed_state()  # under `accelerate launch`, only the main process writes
+    main_process = world is None or world.is_main_process
+    out_dir = prepare_out_dir(out, overwrite) if main_process else check_out_dir(out, overwrite)
     groups = load_groups(pairs or EXAMPLE_PATH)
     pair_list = make_pairs(groups, max_pairs_per_group=max_pairs_per_group)
     subject = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if feature_cache is not None:
+        from mechlora.features import FeatureCache
+
+        subject.feature_cache = FeatureCache(feature_cache)
     select_layers(np.ones(subject.n_layers), rule)  # a bad rule fails now, not after the sweep
-    typer.echo(f"localize: {subject.name}, {subject.n_layers} layers, {len(pair_list)} pairs "
-               f"from {len(groups)} questions")
+    if main_process:
+        typer.echo(f"localize: {subject.name}, {subject.n_layers} layers, {len(pair_list)} "
+                   f"pairs from {len(groups)} questions")
     result = run(subject, pair_list, components=[c.strip() for c in sites.split(",")],
                  positions=positions, engine=engine, only_flips=only_flips, min_delta=min_delta,
-                 max_rows=max_rows, progress=not quiet)
+                 max_rows=max_rows, progress=not quiet, verify_top=verify_top)
     selection = select_layers(result.scores, rule) if result.n_pairs else None
     if selection is not None:
         result.settings["selection"] = {"rule": rule, "spec": str(selection.spec),
                                         "covered": selection.covered, "reason": selection.reason}
+    if not main_process:
+        return
     result.save(out_dir)
     write_localize_report(result, out_dir / "report.html", selection, plotlyjs=plotlyjs)
     typer.echo(f"{result.n_pairs} pairs kept, {len(result.excluded)} excluded "
                f"(engine {result.engine}, {result.settings['seconds']:.1f}s)")
     if selection is not None:
         typer.echo(f"selected: {selection.reason}")
+    check = result.settings.get("attribution", {})
+    if "spearman" in check:
+        typer.echo(f"attribution vs exact, top {check['verify_top']} sites: Spearman "
+                   f"{check['spearman']:.2f} (site means), {check['spearman_pairs']:.2f} "
+                   "(per pair)")
     typer.echo(f"wrote {out_dir}/localization.json, arrays.safetensors, report.html")

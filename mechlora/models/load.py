@@ -101,6 +101,12 @@ def wrap(model: nn.Module, processor: Any, *, name: str | None = None,
     """A `Subject` for a model you already loaded (HF `PreTrainedModel` or a PEFT model)."""
     if isinstance(model, Subject):
         return model
+    from mechlora.bridges import is_bridge
+
+    if is_bridge(model):  # a TransformerLens TransformerBridge
+        from mechlora.bridges.tlens import subject_from_bridge
+
+        return subject_from_bridge(model, processor)
     kw = {"template": template} if template else {}
     cfg = getattr(model, "config", None)
     return Subject(model, processor, name=name or getattr(cfg, "_name_or_path", "") or "model",

@@ -57,6 +57,7 @@ class Subject:
     layers_path: str | None = None
     template: str = DEFAULT_TEMPLATE
     image_size: int | None = field(default=None)
+    feature_cache: Any = field(default=None, repr=False)  # mechlora.features.FeatureCache
 
     def __post_init__(self) -> None:
         if self.layers_path is None:

@@ -69,6 +69,37 @@ def divergence_figure(result: LocalizationResult) -> go.Figure:
     return fig
 
 
+def attribution_section(page: Page, info: dict) -> None:
+    """Attribution-patching estimates next to the exact re-runs of the strongest sites."""
+    page.heading("Attribution estimate vs exact patching")
+    page.text("The restoration values in this report are first-order estimates "
+              "((act_a - act_b) . dm/dact_b, one backward per prompt), not patched runs.",
+              note=True)
+    if "sites" not in info:
+        page.text("No exact check was run (use --verify-top K).")
+        return
+    page.text(f"The {info['verify_top']} sites with the largest mean |estimate|, re-run with "
+              f"exact patching (engine {info['exact_engine']}): Spearman rank correlation "
+              f"{_num(info['spearman'])} over site means, {_num(info['spearman_pairs'])} over "
+              f"pairs x sites; largest per-pair error {_num(info['max_abs_error'])}.")
+    est, exact = np.asarray(info["estimate"], float), np.asarray(info["exact"], float)
+    page.table(["site", "estimate (mean r)", "exact (mean r)", "difference"],
+               [[s, float(e), float(x), float(e - x)]
+                for s, e, x in zip(info["sites"], est, exact)])
+    lim = [min(est.min(), exact.min(), 0.0), max(est.max(), exact.max(), 1.0)]
+    fig = go.Figure([go.Scatter(x=lim, y=lim, mode="lines", line=dict(dash="dot", color="#999"),
+                                showlegend=False),
+                     go.Scatter(x=exact, y=est, mode="markers+text", text=info["sites"],
+                                textposition="top center", showlegend=False)])
+    fig.update_layout(xaxis_title="exact restoration", yaxis_title="attribution estimate",
+                      height=380)
+    page.figure(fig)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.2f}"
+
+
 def write_localize_report(result: LocalizationResult, path: str | Path,
                           selection=None, plotlyjs: str = "embed") -> Path:
     page = Page(f"mechlora localize: {result.model}")
@@ -85,6 +116,8 @@ def write_localize_report(result: LocalizationResult, path: str | Path,
             score_figure(result, list(selection.spec.layers) if selection else None))
         page.figure(heatmap_figure(result))
         page.heading("Observational divergence").figure(divergence_figure(result))
+        if "attribution" in result.settings:
+            attribution_section(page, result.settings["attribution"])
     if result.excluded:
         page.heading("Excluded pairs").table(
             ["pair", "m(a)", "m(b)", "reason"],

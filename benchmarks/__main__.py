@@ -1,0 +1,67 @@
+"""Run every CPU benchmark and write docs/benchmarks.md.
+
+    python -m benchmarks            # the documented settings
+    python -m benchmarks --quick    # fewer pairs/steps, to check that they all run
+
+Each benchmark is a script that prints markdown (figures with the baseline measured in the same
+run); this runs them one after another in fresh processes, so that one's memory and threads do
+not affect the next, and records their output with the command that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import machine
+from mechlora.io import atomic_write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+# (title, module, arguments, quick arguments)
+BENCHMARKS = [
+    ("Localize: exact engines on the tiny 34-layer VLM, and Gemma 3 270M vs TL/nnsight loops",
+     "benchmarks.localize", [], ["--quick"]),
+    ("Localize: every engine on the same sweep (hooks, nnsight, TransformerLens, attribution)",
+     "benchmarks.localize_engines", ["--pairs", "2", "--threads", "1"],
+     ["--pairs", "1", "--threads", "1", "--verify-top", "3"]),
+    ("Train: pairs/s and peak memory, layers 15-19 vs all, naive vs batched",
+     "benchmarks.train", ["--steps", "5", "--threads", "1"], ["--steps", "1", "--threads", "1"]),
+    ("GPU localize script, CPU smoke run (`--tiny`)", "benchmarks.gpu_localize", ["--tiny"],
+     ["--tiny", "--pairs", "1"]),
+    ("GPU train script, CPU smoke run (`--tiny`)", "benchmarks.gpu_train", ["--tiny"],
+     ["--tiny"]),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    parts = ["# Benchmarks\n",
+             f"Written by `python -m benchmarks{' --quick' if args.quick else ''}` on "
+             f"{time.strftime('%Y-%m-%d')}; machine: {machine()}. Every ratio is against a "
+             "baseline measured in the same run. GPU figures: `python -m benchmarks.gpu` on a "
+             "GPU machine.\n"]
+    for title, module, full, quick in BENCHMARKS:
+        argv = quick if args.quick else full
+        command = " ".join(["python -m", module, *argv])
+        print(f"running: {command}", flush=True)
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT,
+                              capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        body = done.stdout.strip() or "(no output)"
+        if done.returncode != 0:
+            body += f"\n\nFAILED (exit {done.returncode}):\n```\n{done.stderr[-2000:]}\n```"
+        parts.append(f"## {title}\n\nCommand: `{command}` ({seconds:.0f} s)\n\n{body}\n")
+        print(body, flush=True)
+    atomic_write_text(args.out, "\n".join(parts))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
