@@ -3,7 +3,7 @@
     import mechlora
     subject = mechlora.load_model("tiny-gemma3-vlm")
     result = mechlora.localize(subject, "pairs.jsonl")
-    print(mechlora.select_layers(result.scores, "window:5").spec)
+    print(mechlora.select_layers(result.scores, "window:5").reason)
 """
 
 from mechlora.data import Pair, QuestionGroup, Variant, load_groups, make_pairs
@@ -12,12 +12,15 @@ from mechlora.evaluate import EvalResult, evaluate
 from mechlora.localize import localize
 from mechlora.models import Subject, load_adapter, load_model, wrap
 from mechlora.result import LocalizationResult
+from mechlora.select import Selection, select_layers
+from mechlora.spec import LayerSpec
 from mechlora.train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DataError", "EvalResult", "LocalizationResult", "MechloraError", "Pair", "QuestionGroup",
-    "Subject", "TrainConfig", "TrainResult", "Variant", "evaluate", "load_adapter",
-    "load_groups", "load_model", "localize", "make_pairs", "train", "wrap",
+    "DataError", "EvalResult", "LayerSpec", "LocalizationResult", "MechloraError", "Pair",
+    "QuestionGroup", "Selection", "Subject", "TrainConfig", "TrainResult", "Variant", "evaluate",
+    "load_adapter", "load_groups", "load_model", "localize", "make_pairs", "select_layers",
+    "train", "wrap",
 ]
