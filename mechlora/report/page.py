@@ -38,6 +38,10 @@ class Page:
         self.parts.append(f"<p{cls}>{html.escape(text)}</p>")
         return self
 
+    def pre(self, text: str) -> Page:
+        self.parts.append(f"<pre>{html.escape(text)}</pre>")
+        return self
+
     def table(self, header: Sequence[str], rows: Sequence[Sequence[object]]) -> Page:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row)

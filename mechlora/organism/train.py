@@ -1,0 +1,274 @@
+"""Train the organism from scratch: a tiny Gemma 3 VLM that knows one phrasing per question.
+
+Plain torch loop, seeded. Each example is (film, question type, phrasing): the training phrasing,
+or with probability `rare_share` one of the rare phrasings. Loss: cross-entropy of the first
+answer token at the last prompt position (the start of the model turn), exactly where mechlora
+reads the answer. Prompts go through the processor's chat template, as in localize and eval.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from mechlora.models.tokenizer import build_processor, build_tokenizer
+from mechlora.organism.films import SIZE, render_array, sample_film
+from mechlora.organism.questions import BANK, film_seed, groups_for, vocabulary
+
+
+@dataclass
+class OrganismConfig:
+    seed: int = 0
+    # vision: SigLIP, 64 px, patch 16 -> 16 patches, one image token each (patch 8 with 2x2
+    # pooling learned small findings several times slower)
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    patch_size: int = 16
+    mm_tokens: int = 16
+    # language model
+    hidden: int = 128
+    layers: int = 6
+    heads: int = 4
+    kv_heads: int = 1
+    intermediate: int = 256
+    # training
+    steps: int = 1000
+    batch_size: int = 32
+    questions_per_image: int = 4  # every film has at least 4 applicable questions
+    lr: float = 1e-3
+    warmup: int = 50
+    aux_weight: float = 1.0  # finding labels on the pooled image tokens (see `train`)
+    rare_share: float = 0.02  # share of examples in a rare phrasing: teaches their words, barely
+    bidirectional_share: float = 0.5  # share of batches given token_type_ids (see `train`)
+    n_train_images: int = 3000
+    n_pair_images: int = 64  # train images written to train_pairs.jsonl (for the LoRA)
+    n_test_images: int = 64  # test images written to heldout.jsonl (eval)
+
+
+QUICK = dict(vision_hidden=32, vision_layers=1, hidden=64, layers=2, heads=2, intermediate=128,
+             steps=12, batch_size=16, questions_per_image=2, warmup=2, n_train_images=64,
+             n_pair_images=4, n_test_images=4)
+
+
+def build_model(cfg: OrganismConfig, tokenizer):
+    """A randomly initialised Gemma3ForConditionalGeneration sized by `cfg`."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    ids = tokenizer.convert_tokens_to_ids
+    text = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads, head_dim=cfg.hidden // cfg.heads,
+        query_pre_attn_scalar=cfg.hidden // cfg.heads, max_position_embeddings=512,
+        sliding_window=512,  # longer than any prompt: local layers see the whole prompt too
+        pad_token_id=ids("<pad>"), eos_token_id=ids("<eos>"), bos_token_id=ids("<bos>"),
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
+        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+        image_size=SIZE, patch_size=cfg.patch_size, vision_use_head=False,
+    )
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=cfg.mm_tokens,
+        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"),
+    )
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(cfg.seed)
+    model = Gemma3ForConditionalGeneration(config)
+    model.config._attn_implementation = "sdpa"
+    # A fresh projector is all zeros: the image would have no effect at all.
+    w = model.model.multi_modal_projector.mm_input_projection_weight
+    torch.nn.init.normal_(w, std=cfg.vision_hidden**-0.5)
+    return model
+
+
+class Prompts:
+    """Token ids of each phrasing's full prompt, through the processor (chat template, image)."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.pad = self.tok.pad_token_id
+        self.image_token = self.tok.convert_tokens_to_ids("<image_soft_token>")
+        self._ids: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._ids:
+            prompt = chat_prompt(self.processor, text)
+            self._ids[text] = self.processor(text=[prompt], images=[[_blank()]])["input_ids"][0]
+        return self._ids[text]
+
+    def batch(self, texts: list[str], images: np.ndarray | None = None, *,
+              token_types: bool = True) -> dict:
+        """Inputs as the processor makes them: left padding, pixels scaled to [-1, 1]."""
+        seqs = [self.ids(t) for t in texts]
+        n = max(len(s) for s in seqs)
+        input_ids = torch.tensor([[self.pad] * (n - len(s)) + list(s) for s in seqs])
+        out = {"input_ids": input_ids, "attention_mask": (input_ids != self.pad).long()}
+        if images is not None:
+            out["pixel_values"] = pixel_values(images)
+        if token_types:
+            out["token_type_ids"] = (input_ids == self.image_token).long()
+        return out
+
+
+def pixel_values(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W) uint8 films -> what the Gemma 3 image processor makes of them (RGB, [-1, 1])."""
+    x = torch.from_numpy(images).float().div(127.5).sub(1.0)
+    return x[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def chat_prompt(processor, text: str) -> str:
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
+
+
+def _blank():
+    from PIL import Image
+
+    return Image.new("RGB", (SIZE, SIZE))
+
+
+N_CHOICES = max(len(q.choices) for q in BANK)
+
+
+def finding_labels(film) -> list[int]:
+    """Index of each question's answer among its choices, -1 where it does not apply."""
+    return [-1 if q.answer(film) is None else q.choices.index(q.answer(film)) for q in BANK]
+
+
+def answer_ids(tokenizer, choices) -> list[int]:
+    """First token of each choice; the bank guarantees they differ."""
+    return [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in choices]
+
+
+def train(cfg: OrganismConfig, *, progress: bool = True):
+    """Train from scratch. Returns (model, processor, timing)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    tokenizer = build_tokenizer(vocabulary())
+    processor = build_processor(tokenizer, image_size=SIZE, image_seq_length=cfg.mm_tokens)
+    prompts = Prompts(processor)
+    model = build_model(cfg, tokenizer)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    films = [sample_film(film_seed("train", i, cfg.seed)) for i in range(cfg.n_train_images)]
+    pixels = np.stack([render_array(f) for f in films])
+    applicable = [[q for q in BANK if q.answer(f) is not None] for f in films]
+    answer = {t: tokenizer.convert_tokens_to_ids(t) for q in BANK for t in q.choices}
+    labels = torch.tensor([finding_labels(f) for f in films])
+    # An auxiliary head, dropped after training: it reads every question's answer off the mean
+    # image token. Through a from-scratch 6-layer LM alone the vision tower learns small
+    # findings very slowly; this gets it there in the CPU budget. The LM still learns the rest.
+    head = torch.nn.Linear(cfg.hidden, labels.shape[1] * N_CHOICES)
+    params = [*model.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup)
+                                              * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    n_images = cfg.batch_size // cfg.questions_per_image
+    model.train()
+    bar = tqdm(range(cfg.steps), desc="training organism", disable=not progress)
+    for step in bar:
+        # Each film answers several questions per batch: the vision tower runs once per film.
+        idx = rng.sample(range(len(films)), n_images)
+        items = [(i, q) for i in idx for q in rng.sample(applicable[i], cfg.questions_per_image)]
+        texts = [rng.choice(q.rare) if rng.random() < cfg.rare_share else q.train
+                 for _, q in items]
+        target = torch.tensor([answer[q.answer(films[i])] for i, q in items])
+        features = model.model.get_image_features(pixel_values(pixels[idx])).pooler_output
+        image = BaseModelOutputWithPooling(
+            pooler_output=features.repeat_interleave(cfg.questions_per_image, dim=0))
+        # Callers may or may not pass the processor's token_type_ids (bidirectional attention
+        # over image tokens); train both ways so the organism answers the same either way.
+        inputs = prompts.batch(texts, token_types=rng.random() < cfg.bidirectional_share)
+        logits = model(**inputs, mm_encoder_outputs={"image": image}, logits_to_keep=1).logits
+        loss = F.cross_entropy(logits[:, -1], target)
+        aux = head(features.mean(1)).view(-1, N_CHOICES)
+        loss = loss + cfg.aux_weight * F.cross_entropy(aux, labels[idx].view(-1), ignore_index=-1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    # CPU seconds too: on a shared machine wall time says more about the neighbours.
+    timing = {"train_seconds": round(time.perf_counter() - t0, 1),
+              "train_cpu_seconds": round(time.process_time() - c0, 1)}
+    return model, processor, timing
+
+
+@torch.no_grad()
+def predict(model, prompts: Prompts, texts: list[str], images: np.ndarray, choices,
+            *, token_types: bool = True, batch_size: int = 256) -> list[str]:
+    """The choice whose first token has the largest logit at the last prompt position."""
+    ids = answer_ids(prompts.tok, choices)
+    out = []
+    for s in range(0, len(texts), batch_size):
+        inputs = prompts.batch(texts[s:s + batch_size], images[s:s + batch_size],
+                               token_types=token_types)
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1, ids]
+        out += [choices[k] for k in logits.argmax(-1).tolist()]
+    return out
+
+
+def quick_check(model, processor, cfg: OrganismConfig, *, token_types: bool = True) -> dict:
+    """Accuracy and flips on the held-out set (test images x held-out paraphrases)."""
+    prompts = Prompts(processor)
+    rows = []  # (group, variant index, phenomenon, text, image, choices, answer)
+    for i in range(cfg.n_test_images):
+        film = sample_film(film_seed("test", i, cfg.seed))
+        image = render_array(film)
+        for g in groups_for(film, f"test{i:04d}", None):
+            variants = [(g["question"], None)] + [(p["text"], p["phenomenon"])
+                                                 for p in g["paraphrases"]]
+            for k, (text, phen) in enumerate(variants):
+                rows.append((g["id"], k, phen, text, image, tuple(g["choices"]), g["answer"],
+                             g["finding"]))
+    preds: list[str] = []
+    for choices in sorted({r[5] for r in rows}):  # one answer set per batch
+        idx = [j for j, r in enumerate(rows) if r[5] == choices]
+        got = predict(model, prompts, [rows[j][3] for j in idx],
+                      np.stack([rows[j][4] for j in idx]), choices, token_types=token_types)
+        preds += list(zip(idx, got, strict=True))
+    pred = dict(preds)
+    original = {r[0]: pred[j] for j, r in enumerate(rows) if r[1] == 0}
+    orig_rows = [(j, r) for j, r in enumerate(rows) if r[1] == 0]
+    para_rows = [(j, r) for j, r in enumerate(rows) if r[1] > 0]
+
+    def rate(items, hit) -> float:
+        items = list(items)
+        return round(sum(hit(j, r) for j, r in items) / max(1, len(items)), 4)
+
+    flip = lambda j, r: pred[j] != original[r[0]]  # noqa: E731
+    correct = lambda j, r: pred[j] == r[6]  # noqa: E731
+    return {
+        "n_groups": len(orig_rows),
+        "n_pairs": len(para_rows),
+        "accuracy_train_phrasing": rate(orig_rows, correct),
+        "accuracy_heldout_paraphrases": rate(para_rows, correct),
+        "flip_rate_heldout": rate(para_rows, flip),
+        "flip_rate_by_phenomenon": {p: rate((x for x in para_rows if x[1][2] == p), flip)
+                                    for p in sorted({r[2] for _, r in para_rows})},
+        "by_question": {q.name: {
+            "accuracy_train_phrasing": rate((x for x in orig_rows if x[1][7] == q.name), correct),
+            "flip_rate_heldout": rate((x for x in para_rows if x[1][7] == q.name), flip),
+        } for q in BANK},
+    }
