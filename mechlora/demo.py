@@ -73,9 +73,10 @@ def localize_flips(org: Organism, cfg: DemoConfig, progress: bool = True):
 def train_config(cfg: DemoConfig, **overrides):
     from mechlora.train import TrainConfig
 
-    return TrainConfig(r=cfg.r, alpha=cfg.alpha, lr=cfg.lr, grad_accum=cfg.pairs_per_step,
-                       max_steps=cfg.steps, epochs=10_000, kl_weight=cfg.kl_weight,
-                       seed=cfg.seed, save_every=0, **overrides)
+    settings = dict(r=cfg.r, alpha=cfg.alpha, lr=cfg.lr, grad_accum=cfg.pairs_per_step,
+                    max_steps=cfg.steps, epochs=10_000, kl_weight=cfg.kl_weight, seed=cfg.seed,
+                    save_every=0)
+    return TrainConfig(**{**settings, **overrides})
 
 
 def train_arm(org: Organism, layers: str, out: Path, cfg: DemoConfig, progress: bool = True,
