@@ -136,6 +136,8 @@ def test_answers_match_ground_truth():
         for finding in ("opacity", "effusion"):  # a side is only asked when there is one
             side = getattr(film, finding)
             assert by.get(f"{finding}_side", {}).get("answer") == side
+        size = {"large": "yes", "small": "no", None: None}[film.opacity_size]
+        assert by.get("opacity_size", {}).get("answer") == size
         for g in by.values():
             assert g["answer"] in g["choices"]
             assert g["type"] == TYPES[g["finding"]].kind

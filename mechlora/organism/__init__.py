@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mechlora.errors import MechloraError
 
-VERSION = 1
+VERSION = 1  # bump when the films or the training change: cached builds then no longer match
 META = "organism.json"
 DATA = {"train_pairs": "data/train_pairs.jsonl", "heldout": "data/heldout.jsonl"}
 
@@ -42,18 +42,21 @@ def build_organism(out_dir: str | Path | None = None, *, seed: int = 0, rebuild:
     `quick=True` trains a reduced organism in seconds (tests; it is not accurate).
     Returns the folder: model + processor (save_pretrained), organism.json, data/*.jsonl.
     """
+    from mechlora.organism.questions import bank_hash
     from mechlora.organism.train import QUICK, OrganismConfig
 
-    if not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MechloraError(f"seed must be a non-negative integer, got {seed!r}")
     cfg = OrganismConfig(seed=seed, **(QUICK if quick else {}))
     out = Path(out_dir).expanduser() if out_dir is not None else organism_dir(seed, quick=quick)
     meta = read_meta(out)
     if meta is not None and not rebuild:
-        if meta.get("version") == VERSION and meta.get("config") == asdict(cfg):
+        same = (meta.get("version"), meta.get("config"), meta.get("bank"))
+        if same == (VERSION, asdict(cfg), bank_hash()):
             return out
-        raise MechloraError(f"{out} holds an organism built with other settings; pass "
-                            "rebuild=True (--rebuild) to replace it, or choose another folder")
+        raise MechloraError(f"{out} holds an organism built with other settings or another "
+                            "question bank; pass rebuild=True to replace it, or choose another "
+                            "folder")
     if out.exists() and meta is None and (not out.is_dir() or any(out.iterdir())):
         raise MechloraError(f"{out} exists and is not an organism folder; refusing to replace "
                             "it: choose another folder or remove it")
@@ -73,8 +76,10 @@ def build_organism(out_dir: str | Path | None = None, *, seed: int = 0, rebuild:
 
 
 def _build(folder: Path, cfg, *, progress: bool) -> None:
+    import torch
+
     from mechlora.io import write_json
-    from mechlora.organism.questions import write_datasets
+    from mechlora.organism.questions import bank_hash, write_datasets
     from mechlora.organism.train import quick_check, train
 
     model, processor, timing = train(cfg, progress=progress)
@@ -86,9 +91,10 @@ def _build(folder: Path, cfg, *, progress: bool) -> None:
     write_json(folder / META, {
         "version": VERSION,
         "config": asdict(cfg),
+        "bank": bank_hash(),
         "parameters": sum(p.numel() for p in model.parameters()),
         **timing,
-        "torch_threads": __import__("torch").get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
         "accuracy_train_phrasing": check["accuracy_train_phrasing"],
         "flip_rate_heldout": check["flip_rate_heldout"],
         "check": check,

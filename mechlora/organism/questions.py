@@ -11,6 +11,8 @@ Each question has three roles of phrasing:
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from mechlora.errors import MechloraError
 from mechlora.io import atomic_write_bytes, atomic_write_text
-from mechlora.organism.films import Film, render
+from mechlora.organism.films import Film, render, sample_film
 
 PHENOMENA = ("lexical_substitution", "syntactic_restructuring", "register_shift", "added_context")
 SPLIT_OFFSET = {"train": 0, "test": 500_000}  # film seeds of the two image splits never meet
@@ -79,6 +81,21 @@ BANK: tuple[QuestionType, ...] = (
                               "Which lung has the opacity? The patient is short of breath."),
         },
         answer=lambda f: f.opacity,
+    ),
+    QuestionType(
+        "opacity_size", "size", YES_NO,
+        train="Is the opacity large?",
+        rare=("Is the white spot on the film a big one?",
+              "The patient has a cough; is the opacity a large one?",
+              "Does the consolidation or the infiltrate look big?"),
+        families={
+            "lexical_substitution": ("Is the opacity big?", "Is the consolidation large?"),
+            "syntactic_restructuring": ("Is there a large opacity?", "Is it a large opacity?"),
+            "register_shift": ("Is the white spot big?", "Is the cloudy patch large?"),
+            "added_context": ("The patient has a fever. Is the opacity large?",
+                              "Is the opacity large? The patient is short of breath."),
+        },
+        answer=lambda f: None if f.opacity is None else _yes(f.opacity_size == "large"),
     ),
     QuestionType(
         "effusion", "presence", YES_NO,
@@ -167,6 +184,12 @@ def vocabulary() -> list[str]:
     return sorted(found)
 
 
+def bank_hash() -> str:
+    """Fingerprint of every phrasing and answer set: a cached organism must match the bank."""
+    rows = [[q.name, q.kind, q.choices, q.train, q.rare, q.heldout()] for q in BANK]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
 def film_seed(split: str, index: int, seed: int = 0) -> int:
     """Seed of film `index` of an image split; the splits never share a film."""
     if split not in SPLIT_OFFSET:
@@ -199,25 +222,20 @@ def groups_for(film: Film, film_id: str, image: str | None) -> list[dict]:
 
 
 def write_split(path: str | Path, split: str, n_images: int, *, seed: int = 0) -> Path:
-    """Write `n_images` films of `split` as PNGs beside `path` and their groups as JSONL."""
-    from mechlora.organism.films import sample_film
-
+    """Write `n_images` films of `split` as PNGs under `images/` beside `path`, their groups as
+    JSONL at `path` (image paths relative to it, as mechlora's loader expects)."""
     path = Path(path)
     lines = []
     for i in range(n_images):
         film = sample_film(film_seed(split, i, seed))
         name = f"images/{split}-{i:04d}.png"
-        png = path.parent / name
-        if not png.exists():  # the same split can feed two files; write its pictures once
-            _write_png(png, film)
+        _write_png(path.parent / name, film)
         lines += [json.dumps(r) for r in groups_for(film, f"{split}{i:04d}", name)]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
 def _write_png(path: Path, film: Film) -> None:
-    import io
-
     buf = io.BytesIO()
     render(film).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())

@@ -1,9 +1,11 @@
 """Train the organism from scratch: a tiny Gemma 3 VLM that knows one phrasing per question.
 
-Plain torch loop, seeded. Each example is (film, question type, phrasing): the training phrasing,
+Plain torch loop, seeded. Each example is (film, question, phrasing): the training phrasing,
 or with probability `rare_share` one of the rare phrasings. Loss: cross-entropy of the first
 answer token at the last prompt position (the start of the model turn), exactly where mechlora
-reads the answer. Prompts go through the processor's chat template, as in localize and eval.
+reads the answer, plus an auxiliary finding loss on the image tokens (see `train`). Prompts go
+through the processor's chat template, as in localize and eval. `quick_check` measures the
+result on the held-out set.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,8 +22,11 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mechlora.models.tokenizer import build_processor, build_tokenizer
-from mechlora.organism.films import SIZE, render_array, sample_film
-from mechlora.organism.questions import BANK, film_seed, groups_for, vocabulary
+from mechlora.organism.films import SIZE, Film, render_array, sample_film
+from mechlora.organism.questions import BANK, PHENOMENA, film_seed, groups_for, vocabulary
+
+if TYPE_CHECKING:
+    from transformers import Gemma3ForConditionalGeneration, PreTrainedModel, ProcessorMixin
 
 
 @dataclass
@@ -46,7 +52,7 @@ class OrganismConfig:
     lr: float = 1e-3
     warmup: int = 50
     aux_weight: float = 1.0  # finding labels on the pooled image tokens (see `train`)
-    rare_share: float = 0.02  # share of examples in a rare phrasing: teaches their words, barely
+    rare_share: float = 0.01  # share of examples in a rare phrasing: teaches their words, barely
     bidirectional_share: float = 0.5  # share of batches given token_type_ids (see `train`)
     n_train_images: int = 3000
     n_pair_images: int = 64  # train images written to train_pairs.jsonl (for the LoRA)
@@ -58,7 +64,7 @@ QUICK = dict(vision_hidden=32, vision_layers=1, hidden=64, layers=2, heads=2, in
              n_pair_images=4, n_test_images=4)
 
 
-def build_model(cfg: OrganismConfig, tokenizer):
+def build_model(cfg: OrganismConfig, tokenizer) -> Gemma3ForConditionalGeneration:
     """A randomly initialised Gemma3ForConditionalGeneration sized by `cfg`."""
     from transformers import (
         Gemma3Config,
@@ -89,7 +95,6 @@ def build_model(cfg: OrganismConfig, tokenizer):
     config.architectures = ["Gemma3ForConditionalGeneration"]
     torch.manual_seed(cfg.seed)
     model = Gemma3ForConditionalGeneration(config)
-    model.config._attn_implementation = "sdpa"
     # A fresh projector is all zeros: the image would have no effect at all.
     w = model.model.multi_modal_projector.mm_input_projection_weight
     torch.nn.init.normal_(w, std=cfg.vision_hidden**-0.5)
@@ -99,7 +104,7 @@ def build_model(cfg: OrganismConfig, tokenizer):
 class Prompts:
     """Token ids of each phrasing's full prompt, through the processor (chat template, image)."""
 
-    def __init__(self, processor) -> None:
+    def __init__(self, processor: ProcessorMixin) -> None:
         self.processor = processor
         self.tok = processor.tokenizer
         self.pad = self.tok.pad_token_id
@@ -132,7 +137,8 @@ def pixel_values(images: np.ndarray) -> torch.Tensor:
     return x[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
-def chat_prompt(processor, text: str) -> str:
+def chat_prompt(processor: ProcessorMixin, text: str) -> str:
+    """The prompt mechlora builds: image then question in the user turn, then the model turn."""
     message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
 
@@ -146,18 +152,19 @@ def _blank():
 N_CHOICES = max(len(q.choices) for q in BANK)
 
 
-def finding_labels(film) -> list[int]:
+def finding_labels(film: Film) -> list[int]:
     """Index of each question's answer among its choices, -1 where it does not apply."""
     return [-1 if q.answer(film) is None else q.choices.index(q.answer(film)) for q in BANK]
 
 
-def answer_ids(tokenizer, choices) -> list[int]:
+def answer_ids(tokenizer, choices: tuple[str, ...]) -> list[int]:
     """First token of each choice; the bank guarantees they differ."""
     return [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in choices]
 
 
-def train(cfg: OrganismConfig, *, progress: bool = True):
-    """Train from scratch. Returns (model, processor, timing)."""
+def train(cfg: OrganismConfig, *, progress: bool = True,
+          ) -> tuple[Gemma3ForConditionalGeneration, ProcessorMixin, dict[str, float]]:
+    """Train from scratch. Returns the model (eval mode), its processor, and the timing."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -216,8 +223,9 @@ def train(cfg: OrganismConfig, *, progress: bool = True):
 
 
 @torch.no_grad()
-def predict(model, prompts: Prompts, texts: list[str], images: np.ndarray, choices,
-            *, token_types: bool = True, batch_size: int = 256) -> list[str]:
+def predict(model: PreTrainedModel, prompts: Prompts, texts: list[str], images: np.ndarray,
+            choices: tuple[str, ...], *, token_types: bool = True,
+            batch_size: int = 256) -> list[str]:
     """The choice whose first token has the largest logit at the last prompt position."""
     ids = answer_ids(prompts.tok, choices)
     out = []
@@ -229,46 +237,56 @@ def predict(model, prompts: Prompts, texts: list[str], images: np.ndarray, choic
     return out
 
 
-def quick_check(model, processor, cfg: OrganismConfig, *, token_types: bool = True) -> dict:
-    """Accuracy and flips on the held-out set (test images x held-out paraphrases)."""
+@dataclass(frozen=True)
+class _Row:
+    group: str
+    finding: str
+    phenomenon: str | None  # None: the training phrasing
+    text: str
+    film: int  # index among the test films
+    choices: tuple[str, ...]
+    answer: str
+
+
+def quick_check(model: PreTrainedModel, processor: ProcessorMixin, cfg: OrganismConfig, *,
+                token_types: bool = True) -> dict:
+    """Accuracy and flip rate on what heldout.jsonl holds: test films x held-out paraphrases."""
     prompts = Prompts(processor)
-    rows = []  # (group, variant index, phenomenon, text, image, choices, answer)
-    for i in range(cfg.n_test_images):
-        film = sample_film(film_seed("test", i, cfg.seed))
-        image = render_array(film)
-        for g in groups_for(film, f"test{i:04d}", None):
-            variants = [(g["question"], None)] + [(p["text"], p["phenomenon"])
-                                                 for p in g["paraphrases"]]
-            for k, (text, phen) in enumerate(variants):
-                rows.append((g["id"], k, phen, text, image, tuple(g["choices"]), g["answer"],
-                             g["finding"]))
-    preds: list[str] = []
-    for choices in sorted({r[5] for r in rows}):  # one answer set per batch
-        idx = [j for j, r in enumerate(rows) if r[5] == choices]
-        got = predict(model, prompts, [rows[j][3] for j in idx],
-                      np.stack([rows[j][4] for j in idx]), choices, token_types=token_types)
-        preds += list(zip(idx, got, strict=True))
-    pred = dict(preds)
-    original = {r[0]: pred[j] for j, r in enumerate(rows) if r[1] == 0}
-    orig_rows = [(j, r) for j, r in enumerate(rows) if r[1] == 0]
-    para_rows = [(j, r) for j, r in enumerate(rows) if r[1] > 0]
+    films = [sample_film(film_seed("test", i, cfg.seed)) for i in range(cfg.n_test_images)]
+    pixels = np.stack([render_array(f) for f in films])
+    rows = [_Row(g["id"], g["finding"], phenomenon, text, i, tuple(g["choices"]), g["answer"])
+            for i, film in enumerate(films) for g in groups_for(film, f"test{i:04d}", None)
+            for text, phenomenon in [(g["question"], None),
+                                     *((p["text"], p["phenomenon"]) for p in g["paraphrases"])]]
+    pred: dict[_Row, str] = {}
+    for choices in sorted({r.choices for r in rows}):  # one answer set per batch
+        part = [r for r in rows if r.choices == choices]
+        got = predict(model, prompts, [r.text for r in part], pixels[[r.film for r in part]],
+                      choices, token_types=token_types)
+        pred |= dict(zip(part, got, strict=True))
+    original = {r.group: pred[r] for r in rows if r.phenomenon is None}
+    questions = [r for r in rows if r.phenomenon is None]
+    pairs = [r for r in rows if r.phenomenon is not None]
 
-    def rate(items, hit) -> float:
-        items = list(items)
-        return round(sum(hit(j, r) for j, r in items) / max(1, len(items)), 4)
+    def flipped(r: _Row) -> bool:
+        return pred[r] != original[r.group]
 
-    flip = lambda j, r: pred[j] != original[r[0]]  # noqa: E731
-    correct = lambda j, r: pred[j] == r[6]  # noqa: E731
+    def correct(r: _Row) -> bool:
+        return pred[r] == r.answer
+
+    def rate(items: list[_Row], hit) -> float:
+        return round(sum(map(hit, items)) / max(1, len(items)), 4)
+
     return {
-        "n_groups": len(orig_rows),
-        "n_pairs": len(para_rows),
-        "accuracy_train_phrasing": rate(orig_rows, correct),
-        "accuracy_heldout_paraphrases": rate(para_rows, correct),
-        "flip_rate_heldout": rate(para_rows, flip),
-        "flip_rate_by_phenomenon": {p: rate((x for x in para_rows if x[1][2] == p), flip)
-                                    for p in sorted({r[2] for _, r in para_rows})},
+        "n_groups": len(questions),
+        "n_pairs": len(pairs),
+        "accuracy_train_phrasing": rate(questions, correct),
+        "accuracy_heldout_paraphrases": rate(pairs, correct),
+        "flip_rate_heldout": rate(pairs, flipped),
+        "flip_rate_by_phenomenon": {p: rate([r for r in pairs if r.phenomenon == p], flipped)
+                                    for p in PHENOMENA},
         "by_question": {q.name: {
-            "accuracy_train_phrasing": rate((x for x in orig_rows if x[1][7] == q.name), correct),
-            "flip_rate_heldout": rate((x for x in para_rows if x[1][7] == q.name), flip),
+            "accuracy_train_phrasing": rate([r for r in questions if r.finding == q.name], correct),
+            "flip_rate_heldout": rate([r for r in pairs if r.finding == q.name], flipped),
         } for q in BANK},
     }
