@@ -21,8 +21,18 @@ from tqdm.auto import tqdm
 
 from mechlora.data import Pair, QuestionGroup, load_groups, load_image, make_pairs
 from mechlora.errors import MechloraError
+from mechlora.features import with_image_features
 from mechlora.models.subject import Subject
-from mechlora.patching import RUNNERS, SitePatch, choose_engine, last_logits, margin
+from mechlora.patching import (
+    RUNNERS,
+    Prefix,
+    SitePatch,
+    cached_valid,
+    choice_head,
+    choose_engine,
+    margin,
+    run_prefix,
+)
 from mechlora.probes import COMPONENTS, Site, all_sites, record
 from mechlora.result import LocalizationResult, merge_results
 
@@ -37,6 +47,16 @@ class CleanRun:
     resid_last: torch.Tensor         # [L, hidden] residual stream at the last position
     margin: float
     pred: int
+    prefix: Prefix | None = None     # KV cache before the first aligned position (cached engine)
+    _lens: torch.Tensor | None = None
+
+    def logit_lens(self, subject: Subject) -> torch.Tensor:
+        """[L, vocab] log-probabilities of the logit lens at the last position (computed once)."""
+        if self._lens is None:
+            dtype = subject.unembed.weight.dtype  # resid_last is fp32; the model may be bf16
+            lens = subject.logit_lens(self.resid_last.to(subject.device, dtype))
+            self._lens = F.log_softmax(lens.float(), -1)
+        return self._lens
 
 
 def parse_positions(spec: str) -> tuple[str, int]:
@@ -67,31 +87,43 @@ def aligned_positions(subject: Subject, inputs: dict, spec: str) -> torch.Tensor
 
 
 def clean_run(subject: Subject, question: str, image, ref: int, answer_ids: Sequence[int],
-              sites: Sequence[Site], spec: str) -> CleanRun:
+              sites: Sequence[Site], spec: str, *, keep_prefix: bool = False) -> CleanRun:
+    """`keep_prefix`: keep the KV cache of the positions before the first aligned one, which the
+    cached engine then reuses (one forward fewer per recipient)."""
     inputs = subject.encode([question], [image])
     positions = aligned_positions(subject, inputs, spec)
-    last = torch.tensor([[inputs["input_ids"].shape[1] - 1]])
+    length = inputs["input_ids"].shape[1]
+    start = int(positions.min())
+    keep_prefix = keep_prefix and cached_valid(subject, inputs, start) is None
     resid_sites = all_sites(subject.n_layers, ["resid"])
-    with record(subject, sites, positions[None]) as values, \
-            record(subject, resid_sites, last) as resid:
-        logits = last_logits(subject, inputs)
-    choice_logits = logits[0, list(answer_ids)]
+    with choice_head(subject, answer_ids) as cols, \
+            record(subject, sites, positions[None]) as values, \
+            record(subject, resid_sites, torch.tensor([[length - 1]])) as resid:
+        out = subject.model(**with_image_features(subject, inputs), logits_to_keep=1,
+                            use_cache=keep_prefix)
+    logits = out.logits[:, -1]
+    prefix = None
+    if keep_prefix:  # the clean run's own cache, cut before the first aligned position
+        prefix = Prefix.of(getattr(out, "cache", None) or out.past_key_values, start)
+        prefix = prefix or run_prefix(subject, inputs, start)
     return CleanRun(
         inputs=inputs, positions=positions,
         values={s: v[0] for s, v in values.items()},
         resid_last=torch.stack([resid[s][0, 0] for s in resid_sites]).float(),
-        margin=float(margin(logits, answer_ids, ref)[0]), pred=int(choice_logits.argmax()),
+        margin=float(margin(logits, cols, ref)[0]), pred=int(logits[0, cols].argmax()),
+        prefix=prefix,
     )
 
 
-def divergence(subject: Subject, a: CleanRun, b: CleanRun) -> dict[str, np.ndarray]:
+def divergence(subject: Subject, a: CleanRun, b: CleanRun, *, logit_lens: bool = True
+               ) -> dict[str, np.ndarray]:
     """Per-layer cosine distance and logit-lens KL(a || b) of the last-position residuals."""
-    cos = 1 - F.cosine_similarity(a.resid_last, b.resid_last, dim=-1)
-    dtype = subject.unembed.weight.dtype  # residuals were kept in fp32; the model may be bf16
-    logp_a = F.log_softmax(subject.logit_lens(a.resid_last.to(subject.device, dtype)).float(), -1)
-    logp_b = F.log_softmax(subject.logit_lens(b.resid_last.to(subject.device, dtype)).float(), -1)
-    kl = (logp_a.exp() * (logp_a - logp_b)).sum(-1)
-    return {"cosine": cos.cpu().numpy(), "logit_lens_kl": kl.cpu().numpy()}
+    cosine = 1 - F.cosine_similarity(a.resid_last, b.resid_last, dim=-1)
+    out = {"cosine": cosine.cpu().numpy()}
+    if logit_lens:
+        logp_a, logp_b = a.logit_lens(subject), b.logit_lens(subject)
+        out["logit_lens_kl"] = (logp_a.exp() * (logp_a - logp_b)).sum(-1).cpu().numpy()
+    return out
 
 
 def _as_pairs(pairs) -> list[Pair]:
@@ -107,7 +139,7 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
              components: Sequence[str] = COMPONENTS, positions: str = "last",
              engine: str = "auto", only_flips: bool = False, min_delta: float = 0.25,
              max_rows: int = 128, n_boot: int = 1000, progress: bool = True,
-             verify_top: int = 0) -> LocalizationResult:
+             verify_top: int = 0, logit_lens: bool = True) -> LocalizationResult:
     """Patch every (layer, component) site from each pair's donor into its recipient.
 
     `pairs` are ordered: pair (a, b) patches a's activations into b's run; `make_pairs` forms
@@ -115,6 +147,8 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     |m(a) - m(b)| < `min_delta` cannot be normalised and are reported in `excluded`.
     `subject` may be a TransformerLens `TransformerBridge`. `engine="attribution"` estimates
     restoration from gradients (mechlora.attribution); `verify_top=K` then checks K sites exactly.
+    `logit_lens=False` skips the logit-lens KL divergence (a full-vocabulary unembedding of every
+    layer of every prompt: on a CPU and a 262k vocabulary, a large share of the sweep).
     """
     from mechlora.bridges import as_subject
     from mechlora.models import wrap
@@ -136,7 +170,8 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     parse_positions(positions)
     all_sites(subject.n_layers, components)  # bad options fail before any work
     kw = dict(components=components, positions=positions, engine=engine,
-              only_flips=only_flips, min_delta=min_delta, max_rows=max_rows, n_boot=n_boot)
+              only_flips=only_flips, min_delta=min_delta, max_rows=max_rows, n_boot=n_boot,
+              logit_lens=logit_lens)
     world = distributed_state()
     if world is None:
         return _sweep(subject, pairs, progress=progress, **kw)
@@ -161,12 +196,13 @@ def distributed_state():
 
 def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str],
            positions: str, engine: str, only_flips: bool, min_delta: float, max_rows: int,
-           n_boot: int, progress: bool) -> LocalizationResult:
+           n_boot: int, progress: bool, logit_lens: bool) -> LocalizationResult:
     """The sweep over `pairs` in this process."""
     sites = all_sites(subject.n_layers, components)
     rows: dict[str, list] = {"pair": [], "group": [], "ma": [], "mb": []}
     restoration = {c: [] for c in components}
-    div = {"cosine": [], "logit_lens_kl": []}
+    div = {"cosine": [], "logit_lens_kl": []} if logit_lens else {"cosine": []}
+    keep_prefix = engine in ("auto", "cached")
     excluded, used_engines = [], set()
     answer_ids: dict[tuple, list[int]] = {}
     runs: dict[tuple[str, int], CleanRun] = {}
@@ -184,7 +220,8 @@ def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str]
                 if (g.id, v) not in runs:
                     runs = {k: r for k, r in runs.items() if k[0] == g.id}  # bound the memory
                     runs[(g.id, v)] = clean_run(subject, g.variants[v].text, image,
-                                                g.answer_index, ids, sites, positions)
+                                                g.answer_index, ids, sites, positions,
+                                                keep_prefix=keep_prefix)
             a, b = runs[(g.id, pair.a)], runs[(g.id, pair.b)]
             if only_flips and a.pred == b.pred:
                 continue
@@ -199,12 +236,13 @@ def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str]
             patches = [SitePatch(s, b.positions, a.values[s]) for s in sites]
             name = choose_engine(engine, subject, b.inputs, patches)
             used_engines.add(name)
+            extra = {"prefix": b.prefix} if name == "cached" else {}
             patched = RUNNERS[name](subject, b.inputs, patches, ids, g.answer_index,
-                                    max_rows=max_rows)
+                                    max_rows=max_rows, **extra)
             r = ((patched.cpu().numpy() - b.margin) / delta).reshape(len(components), -1)
             for i, c in enumerate(components):
                 restoration[c].append(r[i])
-            for k, v in divergence(subject, a, b).items():
+            for k, v in divergence(subject, a, b, logit_lens=logit_lens).items():
                 div[k].append(v)
             rows["pair"].append(pair.id)
             rows["group"].append(g.id)
@@ -223,6 +261,6 @@ def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str]
         margin_a=np.array(rows["ma"]), margin_b=np.array(rows["mb"]),
         divergence={k: stack(v) for k, v in div.items()}, excluded=excluded, n_boot=n_boot,
         settings={"engine": engine, "only_flips": only_flips, "min_delta": min_delta,
-                  "max_rows": max_rows, "n_pairs_in": len(pairs),
+                  "max_rows": max_rows, "logit_lens": logit_lens, "n_pairs_in": len(pairs),
                   "seconds": round(time.perf_counter() - t0, 3)},
     )

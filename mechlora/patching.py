@@ -7,17 +7,21 @@
   all rows at once, over that shared prefix. Exact, because patching position p cannot change
   any earlier position's keys and values.
 
-All return the answer margin of every patched row; logits are computed at the last position
-only (with a 262k vocabulary, the unembedding is a large share of a short forward).
+All return the answer margin of every patched row. Logits are computed at the last position
+only, and only for the choices' first tokens (`choice_head`): with a 262k vocabulary the full
+unembedding is about half of a short forward, and a margin needs two or three logits.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from mechlora.errors import MechloraError
 from mechlora.features import with_image_features
@@ -43,6 +47,32 @@ def margin(logits: torch.Tensor, answer_ids: Sequence[int], ref: int) -> torch.T
     return choice[..., ref] - others.max(dim=-1).values
 
 
+@contextmanager
+def choice_head(subject: Subject, answer_ids: Sequence[int]) -> Iterator[list[int]]:
+    """Within: the model's output head computes only the logits of `answer_ids`, in order.
+
+    Yields the column of each choice in the logits the model now returns. The rest of the
+    forward (final norm, softcapping) runs unchanged, so those logits equal the full ones. A
+    head that is not a plain `nn.Linear` (adapted, quantised) is left alone.
+    """
+    head = subject.unembed
+    if type(head) is not nn.Linear:
+        yield list(answer_ids)
+        return
+    ids = torch.tensor(list(answer_ids), device=head.weight.device)
+    weight = head.weight[ids]
+    bias = None if head.bias is None else head.bias[ids]
+    saved = head.__dict__.get("forward")  # an instrumenting library may have set its own
+    head.forward = lambda x: F.linear(x, weight, bias)
+    try:
+        yield list(range(len(ids)))
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
+
+
 def last_logits(subject: Subject, inputs: dict, **kw) -> torch.Tensor:
     out = subject.model(**with_image_features(subject, inputs), logits_to_keep=1,
                         use_cache=False, **kw)
@@ -60,9 +90,10 @@ def repeat_inputs(subject: Subject, inputs: dict, rows: int) -> dict:
 def run_full(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids, ref: int,
              max_rows: int = 0) -> torch.Tensor:
     margins = []
-    for p in patches:
-        with patch(subject, [Patch(0, p.site, p.positions, p.values)]):
-            margins.append(margin(last_logits(subject, inputs), answer_ids, ref))
+    with choice_head(subject, answer_ids) as cols:
+        for p in patches:
+            with patch(subject, [Patch(0, p.site, p.positions, p.values)]):
+                margins.append(margin(last_logits(subject, inputs), cols, ref))
     return torch.cat(margins)
 
 
@@ -78,16 +109,19 @@ def run_batched(subject: Subject, inputs: dict, patches: Sequence[SitePatch], an
     for start, stop in _chunks(len(patches), max_rows):
         chunk = patches[start:stop]
         rows = repeat_inputs(subject, inputs, len(chunk))
-        with patch(subject, [Patch(i, p.site, p.positions, p.values) for i, p in enumerate(chunk)]):
-            margins.append(margin(last_logits(subject, rows), answer_ids, ref))
+        patches_here = [Patch(i, p.site, p.positions, p.values) for i, p in enumerate(chunk)]
+        with choice_head(subject, answer_ids) as cols, patch(subject, patches_here):
+            margins.append(margin(last_logits(subject, rows), cols, ref))
     return torch.cat(margins)
 
 
-def cached_valid(subject: Subject, inputs: dict, patches: Sequence[SitePatch]) -> str | None:
-    """Why the cached engine cannot run these patches exactly (None when it can)."""
-    if not patches:
-        return None
-    start = min(int(p.positions.min()) for p in patches)
+def patch_start(patches: Sequence[SitePatch]) -> int:
+    """The first position any of `patches` writes."""
+    return min(int(p.positions.min()) for p in patches)
+
+
+def cached_valid(subject: Subject, inputs: dict, start: int) -> str | None:
+    """Why a prefix cache up to position `start` cannot serve exact runs (None when it can)."""
     if start < 1:
         return "a patch at position 0 leaves no prefix to cache"
     if "token_type_ids" in inputs and bool(inputs["token_type_ids"][0, start:].any()):
@@ -97,42 +131,84 @@ def cached_valid(subject: Subject, inputs: dict, patches: Sequence[SitePatch]) -
     return None
 
 
-def run_cached(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids,
-               ref: int, max_rows: int = 256) -> torch.Tensor:
-    why = cached_valid(subject, inputs, patches)
+@dataclass
+class Prefix:
+    """A prompt's KV cache for positions [0, start), shared by every run that continues it.
+
+    Patching position p cannot change the keys and values of earlier positions, so the prefix
+    runs once per prompt: for its clean run and for all of its patched rows.
+    """
+
+    start: int
+    cache: object
+    snapshot: list  # (cache layer, keys, values, cumulative length) right after the prefix
+
+    def continue_with(self, subject: Subject, inputs: dict, rows: int) -> torch.Tensor:
+        """Last-position logits of `rows` copies of `inputs`' suffix run over this prefix."""
+        # Every call starts from the same prefix: expanded views, not copies.
+        for layer, keys, values, length in self.snapshot:
+            layer.keys = keys.expand(rows, *keys.shape[1:])
+            layer.values = values.expand(rows, *values.shape[1:])
+            if length is not None:
+                layer.cumulative_length = length
+        suffix = {k: v[:, self.start:].expand(rows, -1) for k, v in inputs.items()
+                  if k in ("input_ids", "position_ids")}
+        if "attention_mask" in inputs:
+            suffix["attention_mask"] = inputs["attention_mask"].expand(rows, -1)
+        try:
+            out = subject.model(**suffix, **{cache_kwarg(subject): self.cache}, use_cache=True,
+                                logits_to_keep=1)
+        finally:  # drop the suffix's keys and values, keep the prefix
+            for layer, keys, values, length in self.snapshot:
+                layer.keys, layer.values = keys, values
+                if length is not None:
+                    layer.cumulative_length = length
+        return out.logits[:, -1]
+
+    @classmethod
+    def of(cls, cache, start: int) -> Prefix | None:
+        """The prefix [0, start) of a whole prompt's cache; None when a layer has dropped
+        positions (a sliding window shorter than the prompt)."""
+        snapshot = []
+        for layer in cache.layers:
+            length = getattr(layer, "cumulative_length", None)
+            if length is not None and (not isinstance(length, int) or
+                                       layer.keys.shape[-2] != length):
+                return None
+            snapshot.append((layer, layer.keys[..., :start, :], layer.values[..., :start, :],
+                             None if length is None else start))
+        return cls(start, cache, snapshot)
+
+
+def run_prefix(subject: Subject, inputs: dict, start: int) -> Prefix:
+    """Run `inputs` up to position `start` with a KV cache (`cached_valid` must allow it)."""
+    why = cached_valid(subject, inputs, start)
     if why:
         raise MechloraError(f"the cached engine cannot run these patches exactly: {why}; "
                             "use --engine batched")
-    start = min(int(p.positions.min()) for p in patches)
     prefix = {k: v[:, :start] for k, v in inputs.items() if k != "pixel_values"}
     if "pixel_values" in inputs:
         prefix.update(with_image_features(subject, {"pixel_values": inputs["pixel_values"]}))
-    out = subject.model(**prefix, use_cache=True, logits_to_keep=1)
+    with choice_head(subject, [0]):  # the prefix's logits are never read
+        out = subject.model(**prefix, use_cache=True, logits_to_keep=1)
     cache = getattr(out, "cache", None) or out.past_key_values
     snapshot = [(layer, layer.keys, layer.values, getattr(layer, "cumulative_length", None))
                 for layer in cache.layers]
-    suffix = {k: v[:, start:] for k, v in inputs.items()
-              if k in ("input_ids", "position_ids", "attention_mask")}
+    return Prefix(start, cache, snapshot)
+
+
+def run_cached(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids,
+               ref: int, max_rows: int = 256, prefix: Prefix | None = None) -> torch.Tensor:
+    """`prefix`: the recipient's own prefix from its clean run, reused instead of rerun."""
+    start = patch_start(patches)
+    if prefix is None or prefix.start != start:
+        prefix = run_prefix(subject, inputs, start)
     margins = []
     for lo, hi in _chunks(len(patches), max_rows):
-        n = hi - lo
-        # Every chunk starts from the same prefix: expanded views, not copies.
-        for layer, keys, values, length in snapshot:
-            layer.keys = keys.expand(n, *keys.shape[1:])
-            layer.values = values.expand(n, *values.shape[1:])
-            if length is not None:
-                layer.cumulative_length = length
-        rows = {k: v.expand(n, *v.shape[1:]) for k, v in suffix.items()}
-        if "attention_mask" in inputs:
-            rows["attention_mask"] = inputs["attention_mask"].expand(n, -1)
-        if "token_type_ids" in inputs:
-            rows["token_type_ids"] = None
         shifted = [Patch(i, p.site, p.positions - start, p.values)
                    for i, p in enumerate(patches[lo:hi])]
-        with patch(subject, shifted):
-            logits = subject.model(**rows, **{cache_kwarg(subject): cache}, use_cache=True,
-                                   logits_to_keep=1).logits[:, -1]
-        margins.append(margin(logits, answer_ids, ref))
+        with choice_head(subject, answer_ids) as cols, patch(subject, shifted):
+            margins.append(margin(prefix.continue_with(subject, inputs, hi - lo), cols, ref))
     return torch.cat(margins)
 
 
@@ -161,4 +237,6 @@ def choose_engine(engine: str, subject: Subject, inputs: dict,
         raise MechloraError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}")
     if engine != "auto":
         return engine
-    return "cached" if cached_valid(subject, inputs, patches) is None else "batched"
+    if not patches:
+        return "cached"
+    return "cached" if cached_valid(subject, inputs, patch_start(patches)) is None else "batched"

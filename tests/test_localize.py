@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from mechlora.data import EXAMPLE_PATH, load_groups, make_pairs
 from mechlora.errors import MechloraError
@@ -21,6 +22,8 @@ def vlm_pairs():
 
 def _close(a: LocalizationResult, b: LocalizationResult, atol=1e-4):
     assert a.pair_ids == b.pair_ids
+    np.testing.assert_allclose(a.margin_a, b.margin_a, rtol=1e-4, atol=atol)
+    np.testing.assert_allclose(a.margin_b, b.margin_b, rtol=1e-4, atol=atol)
     for c in a.components:
         np.testing.assert_allclose(a.restoration[c], b.restoration[c], rtol=1e-4, atol=atol)
 
@@ -50,6 +53,35 @@ def test_engines_agree_on_a_text_model(tiny_text, vlm_pairs):
     full = localize(tiny_text, vlm_pairs[:2], engine="full", progress=False)
     cached = localize(tiny_text, vlm_pairs[:2], engine="cached", progress=False)
     _close(full, cached)
+
+
+def test_choice_head_gives_the_full_logits_of_the_choices(tiny_text):
+    from mechlora.patching import choice_head, last_logits
+
+    inputs = tiny_text.encode(["Is there an opacity?"])
+    ids = [5, 17, 3]
+    config = tiny_text.text_config
+    for cap in (None, 2.0):  # Gemma 2-style softcapping must still apply to the narrow head
+        config.final_logit_softcapping = cap
+        try:
+            full = last_logits(tiny_text, inputs)
+            with choice_head(tiny_text, ids) as cols:
+                narrow = last_logits(tiny_text, inputs)
+        finally:
+            config.final_logit_softcapping = None
+        assert cols == [0, 1, 2] and narrow.shape == (1, 3)
+        torch.testing.assert_close(narrow, full[:, ids])
+        assert last_logits(tiny_text, inputs).shape == full.shape  # the head is restored
+
+
+def test_logit_lens_can_be_skipped(tiny_text, vlm_pairs):
+    with_lens = localize(tiny_text, vlm_pairs[:2], progress=False)
+    without = localize(tiny_text, vlm_pairs[:2], logit_lens=False, progress=False)
+    assert set(with_lens.divergence) == {"cosine", "logit_lens_kl"}
+    assert set(without.divergence) == {"cosine"}
+    _close(with_lens, without, atol=1e-6)
+    np.testing.assert_allclose(with_lens.divergence["cosine"], without.divergence["cosine"])
+    assert (with_lens.divergence["logit_lens_kl"] >= -1e-6).all()
 
 
 @pytest.mark.parametrize("k", [2, 5])

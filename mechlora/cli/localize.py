@@ -32,6 +32,9 @@ def localize(
     min_delta: float = typer.Option(
         0.25, help="Exclude pairs with |m(a)-m(b)| below this many logits: r divides by it."),
     max_rows: int = typer.Option(128, help="Patched rows per forward (memory bound)."),
+    logit_lens: bool = typer.Option(True, help="Also record the per-layer logit-lens KL of "
+                                    "the two clean runs (a full-vocabulary unembedding per "
+                                    "layer: on CPU with a large vocabulary, much of the time)."),
     rule: str = typer.Option("window:5", help="Selection rule reported with the result."),
     dtype: str = typer.Option("auto", help="float32 | bfloat16 | float16 | auto."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
@@ -73,7 +76,8 @@ def localize(
                    f"pairs from {len(groups)} questions")
     result = run(subject, pair_list, components=[c.strip() for c in sites.split(",")],
                  positions=positions, engine=engine, only_flips=only_flips, min_delta=min_delta,
-                 max_rows=max_rows, progress=not quiet, verify_top=verify_top)
+                 max_rows=max_rows, progress=not quiet, verify_top=verify_top,
+                 logit_lens=logit_lens)
     selection = select_layers(result.scores, rule) if result.n_pairs else None
     if selection is not None:
         result.settings["selection"] = {"rule": rule, "spec": str(selection.spec),
