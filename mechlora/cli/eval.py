@@ -45,7 +45,13 @@ def eval_command(
     feature_cache: Annotated[Path | None, typer.Option(
         help="Folder caching image features across runs (the vision tower is frozen).")] = None,
 ) -> None:
-    """Evaluate a model and LoRA adapters: flip rate, accuracy, margins, text-only agreement."""
+    """Evaluate a model and LoRA adapters: flip rate, accuracy, margins, text-only agreement.
+
+    Writes OUT/eval.json (metrics with 95% intervals, tests against the base),
+    OUT/predictions.jsonl (one row per model and wording) and OUT/report.html.
+
+    Example: mechlora eval --model organism --pairs heldout.jsonl --adapter runs/a --out runs/ev
+    """
     from rich.console import Console
 
     from mechlora.evaluate import evaluate

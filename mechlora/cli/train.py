@@ -68,6 +68,7 @@ def train(
     """Train a LoRA adapter on the chosen language layers for paraphrase consistency.
 
     Example: mechlora train --model tiny-gemma3-vlm --pairs pairs.jsonl --layers 15-19 --out runs/a
+
     Multi-GPU: accelerate launch -m mechlora train ... (same options).
     """
     from mechlora.errors import MechloraError
