@@ -27,6 +27,8 @@ BENCHMARKS = [
     ("Localize: every engine on the same sweep (hooks, nnsight, TransformerLens, attribution)",
      "benchmarks.localize_engines", ["--pairs", "2", "--threads", "1"],
      ["--pairs", "1", "--threads", "1", "--verify-top", "3"]),
+    ("Image-feature cache: localize and eval with and without it, memory and disk",
+     "benchmarks.features", ["--threads", "1"], ["--quick", "--threads", "1"]),
     ("Train: pairs/s and peak memory, layers 15-19 vs all, naive vs batched",
      "benchmarks.train", ["--steps", "5", "--threads", "1"], ["--steps", "1", "--threads", "1"]),
     ("GPU localize script, CPU smoke run (`--tiny`)", "benchmarks.gpu_localize", ["--tiny"],
