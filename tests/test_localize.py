@@ -84,6 +84,41 @@ def test_logit_lens_can_be_skipped(tiny_text, vlm_pairs):
     assert (with_lens.divergence["logit_lens_kl"] >= -1e-6).all()
 
 
+def _decoder(kind: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from mechlora.models import wrap
+    from mechlora.models.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+    config = config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                        initializer_range=0.2, pad_token_id=0)
+    torch.manual_seed(0)
+    return wrap(model_cls(config).eval(), tok, name=f"tiny-{kind}")
+
+
+@pytest.mark.parametrize("positions", ["last", "suffix:3"])
+@pytest.mark.parametrize("model", ["gemma3-vlm", "llama", "qwen2"])
+def test_folded_rows_share_one_prefix_and_agree_with_full(model, positions, tiny_vlm, vlm_pairs,
+                                                          monkeypatch):
+    """The cached engine folds its patched rows into one sequence over the single prefix (no
+    per-row copy of the prefix cache); that must give exactly the `full` engine's answer."""
+    from mechlora.patching import Prefix
+
+    subject = tiny_vlm if model == "gemma3-vlm" else _decoder(model)
+    folded = []
+    original = Prefix._folded_mask
+    monkeypatch.setattr(Prefix, "_folded_mask",
+                        lambda self, *a: folded.append(a[1:]) or original(self, *a))
+    kw = dict(positions=positions, progress=False, min_delta=1e-3)
+    cached = localize(subject, vlm_pairs[:3], engine="cached", **kw)
+    assert folded and all(rows == 3 * subject.n_layers for rows, _ in folded)
+    _close(localize(subject, vlm_pairs[:3], engine="full", **kw), cached)
+
+
 @pytest.mark.parametrize("k", [2, 5])
 def test_planted_divergence_is_found(k):
     subject = planted_subject(k)
