@@ -47,9 +47,14 @@ def main() -> None:
     args = parser.parse_args()
     parts = ["# Benchmarks\n",
              f"Written by `python -m benchmarks{' --quick' if args.quick else ''}` on "
-             f"{time.strftime('%Y-%m-%d')}; machine: {machine()}. Every ratio is against a "
-             "baseline measured in the same run. GPU figures: `python -m benchmarks.gpu` on a "
-             "GPU machine.\n"]
+             f"{time.strftime('%Y-%m-%d')}; machine: {machine()}. Each benchmark runs in a "
+             "fresh process; every ratio is against a baseline measured in the same run, so "
+             "read the ratios first: absolute CPU times move with the machine's load. Rerun "
+             "this command to refresh the page (`--quick` checks that every script runs).\n",
+             "GPU: `python -m benchmarks.gpu` runs the localize and train checks on one "
+             "H100/H200 (MedGemma-4B architecture, random bf16 weights) and writes "
+             "docs/benchmarks-gpu.md; `--tiny` runs the same scripts on CPU, as below. Peak "
+             "memory on that architecture: docs/memory.md.\n"]
     for title, module, full, quick in BENCHMARKS:
         argv = quick if args.quick else full
         command = " ".join(["python -m", module, *argv])

@@ -1,7 +1,8 @@
 """Localize speed: the cached engine vs one full forward per site, same pairs, same results.
 
     python -m benchmarks.localize            # tiny 34-layer VLM (+ Gemma 3 270M if installed)
-    python -m benchmarks.localize --quick    # fewer pairs
+    python -m benchmarks.localize --quick    # 2 pairs per model
+    python -m benchmarks.localize --pairs 4 --threads 1
 
 Part 1, tiny Gemma 3 VLM (34 layers, random weights, CPU): every engine on the same pairs,
 3 components x 34 layers per pair. Part 2, the real Gemma 3 270M (optional extra
@@ -132,6 +133,7 @@ def gemma270m(n_pairs: int) -> list[Row]:
     fast, fast_s = timed(lambda: mechlora_run(logit_lens=False), repeat=2)
     lens_s = timed(mechlora_run, repeat=2)[1]
     fast_s, lens_s = fast_s / len(pairs), lens_s / len(pairs)
+    command = f"{COMMAND} --pairs {n_pairs}"
     rows = []
     for name, fn in loops.items():
         with torch.no_grad():  # the loops' users would not keep autograd graphs either
@@ -140,25 +142,29 @@ def gemma270m(n_pairs: int) -> list[Row]:
         diff = float(np.abs(r - fast.restoration["resid"]).max())
         rows.append(Row(what, f"default engine (`{fast.engine}`), restoration only, s/pair; "
                         f"max abs diff of r {diff:.1e}", f"{fast_s:.3f}",
-                        f"{name}: {slow:.2f} s/pair", f"{slow / fast_s:.1f}x", COMMAND))
+                        f"{name}: {slow:.2f} s/pair", f"{slow / fast_s:.1f}x", command))
         if name.startswith("TransformerLens"):
             rows.append(Row(what, "default settings (+ logit-lens KL of every layer, full "
                             "262k vocabulary), s/pair", f"{lens_s:.3f}",
-                            f"{name}: {slow:.2f} s/pair", f"{slow / lens_s:.1f}x", COMMAND))
+                            f"{name}: {slow:.2f} s/pair", f"{slow / lens_s:.1f}x", command))
     return rows
 
 
-def run(quick: bool = False) -> list[Row]:
+def run(n_pairs: int) -> list[Row]:
     torch.manual_seed(0)
-    return tiny_vlm(2 if quick else 4) + gemma270m(2 if quick else 4)
+    return tiny_vlm(n_pairs) + gemma270m(n_pairs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="2 pairs (same as --pairs 2)")
+    parser.add_argument("--pairs", type=int, default=4, help="pairs per model (at most 4)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"machine: {machine()}\n\n{Row.header()}")
-    for row in run(args.quick):
+    for row in run(2 if args.quick else min(args.pairs, len(YES_NO))):
         print(row.markdown())
 
 
