@@ -33,7 +33,7 @@ from mechlora.features import with_image_features
 from mechlora.io import prepare_out_dir, read_json, write_json, write_jsonl
 from mechlora.metrics import VariantPrediction, compare, compute_metrics
 from mechlora.models.subject import Subject
-from mechlora.patching import margin
+from mechlora.patching import choice_head, margin
 
 SCHEMA_VERSION = 1
 BASE = "base"
@@ -306,14 +306,18 @@ def run_arm(subject: Subject, rows: Sequence[tuple[QuestionGroup, int]],
     out = ArmOutput(pred=[-1] * n, margin=[float("nan")] * n,
                     other={c: [None] * n for c in CONDITIONS[1:]}, decoded=[None] * n)
     images = _Images(subject)
+    # Only the choices' first tokens are read: the output head computes just those logits.
+    vocab = sorted({i for ids in answer_ids.values() for i in ids})
+    column = {token: c for c, token in enumerate(vocab)}
     t0 = time.perf_counter()
     for batch in batches(prompts, batch_size):
         inputs = subject.encode([p.text for p in batch], [images(p.image) for p in batch])
-        logits = subject.model(**with_image_features(subject, inputs), logits_to_keep=1,
-                               use_cache=False).logits[:, -1]
+        with choice_head(subject, vocab) as cols:
+            logits = subject.model(**with_image_features(subject, inputs), logits_to_keep=1,
+                                   use_cache=False).logits[:, -1]
         for k, p in enumerate(batch):
             g = rows[p.row][0]
-            ids = answer_ids[g.choices]
+            ids = [cols[column[i]] for i in answer_ids[g.choices]]
             pred = int(logits[k, ids].argmax())
             if p.condition == "main":
                 out.pred[p.row] = pred
