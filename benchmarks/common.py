@@ -47,10 +47,3 @@ def timed(fn, *, repeat: int = 1):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return result, best
-
-
-def max_abs_diff(a, b) -> float:
-    import numpy as np
-
-    return max(float(np.nanmax(np.abs(a.restoration[c] - b.restoration[c])))
-               for c in a.components)

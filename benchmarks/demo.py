@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ def run(quick: bool) -> list[Row]:
 
         wall, cpu = time.perf_counter(), time.process_time()
         summary = run_demo(Path(home) / "demo", DemoConfig(quick=quick), progress=False,
-                           log=lambda msg: print(msg, flush=True))
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         build = read_meta(Path(summary["organism"]))["train_seconds"]
     flips = {arm: m["pairwise_flip_rate"]["value"] for arm, m in summary["eval"].items()
