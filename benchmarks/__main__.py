@@ -40,6 +40,17 @@ BENCHMARKS = [
 ]
 
 
+def tidy(body: str) -> str:
+    """Move the JSON records some scripts print (one per line) under a collapsed block."""
+    lines = body.splitlines()
+    records = [line for line in lines if line.startswith("{")]
+    if not records:
+        return body
+    rest = "\n".join(line for line in lines if not line.startswith("{")).strip()
+    return (f"{rest}\n\n<details><summary>raw records (JSON lines)</summary>\n\n```\n"
+            + "\n".join(records) + "\n```\n</details>")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -63,7 +74,7 @@ def main() -> None:
         done = subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT,
                               capture_output=True, text=True)
         seconds = time.perf_counter() - t0
-        body = done.stdout.strip() or "(no output)"
+        body = tidy(done.stdout.strip()) or "(no output)"
         if done.returncode != 0:
             body += f"\n\nFAILED (exit {done.returncode}):\n```\n{done.stderr[-2000:]}\n```"
         parts.append(f"## {title}\n\nCommand: `{command}` ({seconds:.0f} s)\n\n{body}\n")
