@@ -38,6 +38,20 @@ def test_localize_writes_json_arrays_and_report(tmp_path, small_pairs, capsys):
     html = (out / "report.html").read_text()
     assert "plotly" in html and "Restoration" in html
     assert "selected" in stdout
+    assert doc["settings"]["logit_lens"] is True
+
+
+def test_no_logit_lens_records_the_cosine_divergence_only(tmp_path, small_pairs, capsys):
+    from mechlora.result import LocalizationResult
+
+    out = tmp_path / "loc"
+    code, _, _ = run(["localize", "--model", "tiny-gemma3-text", "--pairs", str(small_pairs),
+                      "--out", str(out), "--max-pairs-per-group", "1", "--min-delta", "0",
+                      "--no-logit-lens", "--quiet"], capsys)
+    assert code in (0, None)
+    result = LocalizationResult.load(out)
+    assert result.settings["logit_lens"] is False
+    assert set(result.divergence) == {"cosine"} and result.divergence["cosine"].shape == (2, 12)
 
     code, _, err = run(["localize", "--model", "tiny-gemma3-text", "--pairs", str(small_pairs),
                         "--out", str(out)], capsys)
