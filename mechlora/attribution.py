@@ -35,6 +35,7 @@ from mechlora.localize import (
     clean_run,
     divergence,
     parse_positions,
+    screen,
 )
 from mechlora.models.subject import Subject
 from mechlora.patching import RUNNERS, SitePatch, choose_engine, last_logits, margin
@@ -144,15 +145,9 @@ def attribute(subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] | str | P
                 runs[(g.id, v)] = gradient_run(subject, g.variants[v].text, image,
                                                g.answer_index, ids, sites, positions)
         (a, _), (b, grad_b) = runs[(g.id, pair.a)], runs[(g.id, pair.b)]
-        if only_flips and a.pred == b.pred:
-            continue
-        if len(a.positions) != len(b.positions):
-            raise MechloraError(f"pair {pair.id}: {len(a.positions)} vs {len(b.positions)} "
-                                f"aligned positions for '{positions}'")
-        delta = a.margin - b.margin
-        if abs(delta) < min_delta:
-            excluded.append({"id": pair.id, "margin_a": a.margin, "margin_b": b.margin,
-                             "reason": f"|m(a) - m(b)| < {min_delta}"})
+        delta = screen(pair, a, b, positions=positions, only_flips=only_flips,
+                       min_delta=min_delta, excluded=excluded)
+        if delta is None:
             continue
         per_pos = torch.stack([((a.values[s] - b.values[s]).float() * grad_b[s].float()).sum(-1)
                                for s in sites]) / delta          # [sites, P]

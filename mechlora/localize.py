@@ -126,6 +126,23 @@ def divergence(subject: Subject, a: CleanRun, b: CleanRun, *, logit_lens: bool =
     return out
 
 
+def screen(pair: Pair, a: CleanRun, b: CleanRun, *, positions: str, only_flips: bool,
+           min_delta: float, excluded: list[dict]) -> float | None:
+    """m(a) - m(b) for a pair to patch; None for a pair that is skipped (not a flip, with
+    `only_flips`) or excluded (margins too close: appended to `excluded` with the reason)."""
+    if only_flips and a.pred == b.pred:
+        return None
+    if len(a.positions) != len(b.positions):
+        raise MechloraError(f"pair {pair.id}: {len(a.positions)} vs {len(b.positions)} "
+                            f"aligned positions for '{positions}'")
+    delta = a.margin - b.margin
+    if abs(delta) < min_delta:
+        excluded.append({"id": pair.id, "margin_a": a.margin, "margin_b": b.margin,
+                         "reason": f"|m(a) - m(b)| < {min_delta}"})
+        return None
+    return delta
+
+
 def _as_pairs(pairs) -> list[Pair]:
     if isinstance(pairs, (str, Path)):
         return make_pairs(load_groups(pairs))
@@ -223,15 +240,9 @@ def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str]
                                                 g.answer_index, ids, sites, positions,
                                                 keep_prefix=keep_prefix)
             a, b = runs[(g.id, pair.a)], runs[(g.id, pair.b)]
-            if only_flips and a.pred == b.pred:
-                continue
-            if len(a.positions) != len(b.positions):
-                raise MechloraError(f"pair {pair.id}: {len(a.positions)} vs {len(b.positions)} "
-                                    f"aligned positions for '{positions}'")
-            delta = a.margin - b.margin
-            if abs(delta) < min_delta:
-                excluded.append({"id": pair.id, "margin_a": a.margin, "margin_b": b.margin,
-                                 "reason": f"|m(a) - m(b)| < {min_delta}"})
+            delta = screen(pair, a, b, positions=positions, only_flips=only_flips,
+                           min_delta=min_delta, excluded=excluded)
+            if delta is None:
                 continue
             patches = [SitePatch(s, b.positions, a.values[s]) for s in sites]
             name = choose_engine(engine, subject, b.inputs, patches)
