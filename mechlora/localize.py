@@ -8,6 +8,7 @@ distance, logit-lens KL) is recorded alongside, at no extra forward.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Sequence
@@ -57,6 +58,11 @@ class CleanRun:
             lens = subject.logit_lens(self.resid_last.to(subject.device, dtype))
             self._lens = F.log_softmax(lens.float(), -1)
         return self._lens
+
+
+# Patched rows per forward when `max_rows` is None. A cached-engine row is one token (or K for
+# suffix:K) over the shared prefix; other engines' rows are whole prompts.
+DEFAULT_ROWS = {"cached": 1024}
 
 
 def parse_positions(spec: str) -> tuple[str, int]:
@@ -155,7 +161,7 @@ def _as_pairs(pairs) -> list[Pair]:
 def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] | str | Path, *,
              components: Sequence[str] = COMPONENTS, positions: str = "last",
              engine: str = "auto", only_flips: bool = False, min_delta: float = 0.25,
-             max_rows: int = 128, n_boot: int = 1000, progress: bool = True,
+             max_rows: int | None = None, n_boot: int = 1000, progress: bool = True,
              verify_top: int = 0, logit_lens: bool = True) -> LocalizationResult:
     """Patch every (layer, component) site from each pair's donor into its recipient.
 
@@ -164,8 +170,10 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     |m(a) - m(b)| < `min_delta` cannot be normalised and are reported in `excluded`.
     `subject` may be a TransformerLens `TransformerBridge`. `engine="attribution"` estimates
     restoration from gradients (mechlora.attribution); `verify_top=K` then checks K sites exactly.
-    `logit_lens=False` skips the logit-lens KL divergence (a full-vocabulary unembedding of every
-    layer of every prompt: on a CPU and a 262k vocabulary, a large share of the sweep).
+    `max_rows` caps the patched rows per forward (memory); None: 1024 single-token rows for the
+    cached engine, 128 whole-prompt rows for the others. `logit_lens=False` skips the
+    logit-lens KL divergence (a full-vocabulary unembedding of every layer of every prompt: on
+    a CPU with a 262k vocabulary, a large share of the sweep).
     """
     from mechlora.bridges import as_subject
     from mechlora.models import wrap
@@ -175,7 +183,8 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
         from mechlora.attribution import attribute
 
         return attribute(subject, pairs, components=components, positions=positions,
-                         only_flips=only_flips, min_delta=min_delta, max_rows=max_rows,
+                         only_flips=only_flips, min_delta=min_delta,
+                         max_rows=128 if max_rows is None else max_rows,
                          n_boot=n_boot, progress=progress, verify_top=verify_top)
     if verify_top:
         raise MechloraError("verify_top checks engine='attribution' against exact patching; "
@@ -212,7 +221,8 @@ def distributed_state():
 
 
 def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str],
-           positions: str, engine: str, only_flips: bool, min_delta: float, max_rows: int,
+           positions: str, engine: str, only_flips: bool, min_delta: float,
+           max_rows: int | None,
            n_boot: int, progress: bool, logit_lens: bool) -> LocalizationResult:
     """The sweep over `pairs` in this process."""
     sites = all_sites(subject.n_layers, components)
@@ -224,42 +234,58 @@ def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str]
     answer_ids: dict[tuple, list[int]] = {}
     runs: dict[tuple[str, int], CleanRun] = {}
     t0 = time.perf_counter()
-    bar = tqdm(pairs, desc="localize", unit="pair", disable=not progress)
+    bar = tqdm(total=len(pairs), desc="localize", unit="pair", disable=not progress)
     with torch.inference_mode():
-        for pair in bar:
-            g = pair.group
+        # Pairs of one question are swept together: all donors of one recipient go through
+        # one call of the engine (for `cached`: one step over the recipient's single prefix).
+        for _, chunk in itertools.groupby(pairs, key=lambda p: p.group.id):
+            chunk = list(chunk)
+            g = chunk[0].group
             if g.choices not in answer_ids:
                 answer_ids[g.choices] = subject.answer_token_ids(g.choices,
                                                                  where=(g.source, g.line))
             ids = answer_ids[g.choices]
             image = load_image(g.image) if (g.image is not None and subject.is_vlm) else None
-            for v in (pair.a, pair.b):
+            runs = {k: r for k, r in runs.items() if k[0] == g.id}  # bound the memory
+            for v in dict.fromkeys(v for pair in chunk for v in (pair.a, pair.b)):
                 if (g.id, v) not in runs:
-                    runs = {k: r for k, r in runs.items() if k[0] == g.id}  # bound the memory
                     runs[(g.id, v)] = clean_run(subject, g.variants[v].text, image,
                                                 g.answer_index, ids, sites, positions,
                                                 keep_prefix=keep_prefix)
-            a, b = runs[(g.id, pair.a)], runs[(g.id, pair.b)]
-            delta = screen(pair, a, b, positions=positions, only_flips=only_flips,
-                           min_delta=min_delta, excluded=excluded)
-            if delta is None:
-                continue
-            patches = [SitePatch(s, b.positions, a.values[s]) for s in sites]
-            name = choose_engine(engine, subject, b.inputs, patches)
-            used_engines.add(name)
-            extra = {"prefix": b.prefix} if name == "cached" else {}
-            patched = RUNNERS[name](subject, b.inputs, patches, ids, g.answer_index,
-                                    max_rows=max_rows, **extra)
-            r = ((patched.cpu().numpy() - b.margin) / delta).reshape(len(components), -1)
-            for i, c in enumerate(components):
-                restoration[c].append(r[i])
-            for k, v in divergence(subject, a, b, logit_lens=logit_lens).items():
-                div[k].append(v)
-            rows["pair"].append(pair.id)
-            rows["group"].append(g.id)
-            rows["ma"].append(a.margin)
-            rows["mb"].append(b.margin)
+            kept: list[tuple[Pair, float]] = []
+            for pair in chunk:
+                delta = screen(pair, runs[(g.id, pair.a)], runs[(g.id, pair.b)],
+                               positions=positions, only_flips=only_flips,
+                               min_delta=min_delta, excluded=excluded)
+                if delta is not None:
+                    kept.append((pair, delta))
+            margins: dict[str, np.ndarray] = {}
+            for v in dict.fromkeys(pair.b for pair, _ in kept):
+                donors = [pair for pair, _ in kept if pair.b == v]
+                b = runs[(g.id, v)]
+                patches = [SitePatch(s, b.positions, runs[(g.id, pair.a)].values[s])
+                           for pair in donors for s in sites]
+                name = choose_engine(engine, subject, b.inputs, patches)
+                used_engines.add(name)
+                extra = {"prefix": b.prefix} if name == "cached" else {}
+                rows_cap = max_rows if max_rows is not None else DEFAULT_ROWS.get(name, 128)
+                patched = RUNNERS[name](subject, b.inputs, patches, ids, g.answer_index,
+                                        max_rows=rows_cap, **extra).cpu().numpy()
+                margins.update(zip([p.id for p in donors], patched.reshape(len(donors), -1)))
+            for pair, delta in kept:
+                a, b = runs[(g.id, pair.a)], runs[(g.id, pair.b)]
+                r = ((margins[pair.id] - b.margin) / delta).reshape(len(components), -1)
+                for i, c in enumerate(components):
+                    restoration[c].append(r[i])
+                for k, v in divergence(subject, a, b, logit_lens=logit_lens).items():
+                    div[k].append(v)
+                rows["pair"].append(pair.id)
+                rows["group"].append(g.id)
+                rows["ma"].append(a.margin)
+                rows["mb"].append(b.margin)
+            bar.update(len(chunk))
             bar.set_postfix(kept=len(rows["pair"]), excluded=len(excluded))
+    bar.close()
     n_layers = subject.n_layers
 
     def stack(values: list) -> np.ndarray:

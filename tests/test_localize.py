@@ -119,6 +119,26 @@ def test_folded_rows_share_one_prefix_and_agree_with_full(model, positions, tiny
     _close(localize(subject, vlm_pairs[:3], engine="full", **kw), cached)
 
 
+def test_all_donors_of_a_recipient_share_one_engine_call(tiny_vlm, monkeypatch):
+    from mechlora.patching import RUNNERS
+
+    group = next(g for g in load_groups(EXAMPLE_PATH) if len(g.variants) >= 3)
+    pairs = make_pairs([group])  # every ordered pair: each variant is the recipient n-1 times
+    n = len(group.variants)
+    calls, cached_runner = [], RUNNERS["cached"]
+
+    def counting(subject, inputs, patches, *args, **kw):
+        calls.append(len(patches))
+        return cached_runner(subject, inputs, patches, *args, **kw)
+
+    monkeypatch.setitem(RUNNERS, "cached", counting)
+    kw = dict(positions="last", progress=False, min_delta=0.0)
+    cached = localize(tiny_vlm, pairs, engine="cached", **kw)
+    assert calls == [(n - 1) * 3 * tiny_vlm.n_layers] * n  # one call per recipient
+    assert cached.pair_ids == [p.id for p in pairs]  # results stay in the input order
+    _close(localize(tiny_vlm, pairs, engine="full", **kw), cached)
+
+
 @pytest.mark.parametrize("k", [2, 5])
 def test_planted_divergence_is_found(k):
     subject = planted_subject(k)

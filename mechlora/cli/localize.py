@@ -31,7 +31,9 @@ def localize(
     max_pairs_per_group: int = typer.Option(None, help="Cap the ordered pairs per question."),
     min_delta: float = typer.Option(
         0.25, help="Exclude pairs with |m(a)-m(b)| below this many logits: r divides by it."),
-    max_rows: int = typer.Option(128, help="Patched rows per forward (memory bound)."),
+    max_rows: int = typer.Option(None, help="Patched rows per forward, the memory bound "
+                                 "(default: 1024 single-token rows for the cached engine, 128 "
+                                 "whole-prompt rows for the others)."),
     logit_lens: bool = typer.Option(True, help="Also record the per-layer logit-lens KL of "
                                     "the two clean runs (a full-vocabulary unembedding per "
                                     "layer: on CPU with a large vocabulary, much of the time)."),
