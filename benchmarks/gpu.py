@@ -4,7 +4,8 @@
     python -m benchmarks.gpu --tiny     # the same scripts on CPU with tiny models
 
 Runs benchmarks/gpu_localize.py (MedGemma-4B architecture, random bf16 weights, 3 sites x 34
-layers, pairs/s, peak memory, agreement with the `full` engine) and benchmarks/gpu_train.py
+layers, pairs/s, peak memory, agreement with the `full` engine; with 2 and with 4 wordings per
+question) and benchmarks/gpu_train.py
 (pairs/s and peak memory of a LoRA step, layers 15-19 vs all), each in a fresh process.
 """
 
@@ -32,11 +33,15 @@ def main() -> None:
     extra = ["--tiny"] if args.tiny else []
     parts = [f"# GPU benchmarks\n\n`python -m benchmarks.gpu {' '.join(extra)}` on "
              f"{time.strftime('%Y-%m-%d')}; machine: {machine()}.\n"]
-    for module in ("benchmarks.gpu_localize", "benchmarks.gpu_train"):
-        command = " ".join(["python -m", module, *extra])
+    # Two wordings per question (every recipient has one donor), then four (three donors share
+    # each recipient's step, as with a paraphrase set like PSF-Med's).
+    runs = [("benchmarks.gpu_localize", []), ("benchmarks.gpu_localize", ["--wordings", "4"]),
+            ("benchmarks.gpu_train", [])]
+    for module, argv in runs:
+        command = " ".join(["python -m", module, *extra, *argv])
         print(f"running: {command}", flush=True)
         t0 = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", module, *extra], cwd=ROOT,
+        done = subprocess.run([sys.executable, "-m", module, *extra, *argv], cwd=ROOT,
                               capture_output=True, text=True, timeout=420)
         body = done.stdout.strip()
         if done.returncode != 0:

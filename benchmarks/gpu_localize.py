@@ -2,11 +2,13 @@
 
     python -m benchmarks.gpu_localize            # H100/H200: medgemma-4b shape, bf16
     python -m benchmarks.gpu_localize --tiny     # CPU smoke run of the same script
+    python -m benchmarks.gpu_localize --wordings 4   # 4 wordings per question (3 donors each)
 
 Per ordered pair: 3 sites x 34 layers (102 patched rows), both directions, last position,
-~310-token prompts with 256 image tokens. Prints pairs/s, peak memory, and the largest
-relative difference of patched margins between the default engine and the `full` engine on
-sampled sites.
+~310-token prompts with 256 image tokens; every ordered pair of each question's wordings (2 by
+default: each recipient has one donor; with more, a recipient's donors share one step).
+Prints pairs/s, peak memory, and the largest relative difference of patched margins between
+the default engine and the `full` engine on sampled sites.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from mechlora.models.presets import medgemma_4b_config, tiny_gemma3_vlm
 from mechlora.models.tokenizer import build_processor, build_tokenizer
 from mechlora.patching import RUNNERS, SitePatch, choose_engine
 from mechlora.probes import all_sites
+
+# Wordings beyond the two of QUESTIONS (--wordings K): added-context variants of the first.
+CONTEXT = ["The patient is short of breath.", "This is a follow-up film.",
+           "The patient had surgery last week.", "Please answer briefly."]
 
 QUESTIONS = [
     ("Is there a pleural effusion?", "Does this film show fluid in the pleural space?"),
@@ -57,8 +63,12 @@ def medgemma_random(device: str, dtype: torch.dtype):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke run)")
-    parser.add_argument("--pairs", type=int, default=4, help="question groups (x2 directions)")
+    parser.add_argument("--pairs", type=int, default=4, help="question groups (every ordered "
+                        "pair of their wordings is swept)")
     parser.add_argument("--sample", type=int, default=6, help="sites checked against `full`")
+    parser.add_argument("--wordings", type=int, default=2, choices=range(2, 2 + len(CONTEXT) + 1),
+                        help="wordings per question (more: every recipient has several donors, "
+                        "swept in one step)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if args.tiny:
@@ -74,9 +84,9 @@ def main() -> None:
     image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
     image_path = Path(tempfile.mkdtemp()) / "film.png"
     image.save(image_path)
-    groups = [QuestionGroup(id=f"q{i}", variants=(Variant(a), Variant(b, "lexical")),
-                            answer="yes", image=image_path)
-              for i, (a, b) in enumerate(QUESTIONS[:args.pairs])]
+    groups = [QuestionGroup(id=f"q{i}", variants=(Variant(a), Variant(b, "lexical"), *(
+        Variant(f"{c} {a}", "added_context") for c in CONTEXT[:args.wordings - 2])),
+        answer="yes", image=image_path) for i, (a, b) in enumerate(QUESTIONS[:args.pairs])]
     pairs = make_pairs(groups)
     print(f"machine: {machine()}; model {subject.name}, {subject.n_layers} layers, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters")
