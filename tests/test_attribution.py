@@ -26,15 +26,6 @@ from tests.planted import planted_groups, planted_subject
 KW = dict(min_delta=1e-3, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads; on a busy machine they cost a lot.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def text():
     model, tok = tiny_gemma3_text(seed=0, n_layers=3)

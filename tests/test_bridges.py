@@ -20,16 +20,6 @@ from mechlora.probes import COMPONENTS, Site, record
 KW = dict(min_delta=1e-3, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two
-    # threads per process made each forward several times slower.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def models():
     vlm, processor = tiny_gemma3_vlm(seed=0, n_layers=4)

@@ -54,15 +54,6 @@ def make_adapter(folder: Path, *, random_b: bool, targets: str = LM_TARGETS) -> 
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Matrices this small gain nothing from threads, and on shared cores they lose a lot.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def vlm():
     return _vlm()

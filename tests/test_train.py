@@ -28,15 +28,6 @@ T = importlib.import_module("mechlora.train")  # the module, whatever `mechlora.
 FAST = TrainConfig(epochs=10, lr=3e-3, grad_accum=4, dropout=0.0, save_every=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: two OpenMP threads only add synchronisation, badly so on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(seed: int = 0):
     model, processor = tiny_gemma3_vlm(seed, n_layers=4)
     with torch.no_grad():  # logits x2: sharper outputs, so that paraphrases measurably disagree
