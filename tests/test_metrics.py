@@ -36,7 +36,7 @@ def test_accuracy(m):
     acc = m["accuracy"]
     assert (acc["k"], acc["n"], acc["value"]) == (5, 8, 5 / 8)
     assert acc["ci_wilson"] == pytest.approx(list(stats.wilson_ci(5, 8)))
-    assert acc["ci_bootstrap"][0] <= 5 / 8 <= acc["ci_bootstrap"][1]
+    assert acc["ci_bootstrap"] == [None, None]  # 3 questions: too few for an interval
     assert (m["n_variants"], m["n_groups"]) == (8, 3)
 
 
@@ -45,7 +45,7 @@ def test_pairwise_and_question_flip(m):
     pf = m["pairwise_flip_rate"]
     assert (pf["k"], pf["n"]) == (5, 7)
     assert pf["ci_wilson"] == pytest.approx(list(stats.wilson_ci(5, 7)))
-    assert pf["ci_bootstrap"][0] <= 5 / 7 <= pf["ci_bootstrap"][1]
+    assert pf["ci_bootstrap"] == [None, None]
     # Question level: A and C flip, B does not.
     qf = m["question_flip_rate"]
     assert (qf["k"], qf["n"]) == (2, 3)
@@ -57,7 +57,7 @@ def test_margin_diff(m):
     md = m["margin_diff"]
     assert md["n"] == 7
     assert md["value"] == pytest.approx(11.5 / 7)
-    assert md["ci_bootstrap"][0] <= 11.5 / 7 <= md["ci_bootstrap"][1]
+    assert md["ci_bootstrap"] == [None, None]
 
 
 def test_image_ablations(m):
@@ -173,7 +173,7 @@ def test_compare_identical_gives_zero_and_p_one():
                 "text_only_agreement_gray", "text_only_agreement_noimage"):
         block = c[key]
         assert block["diff"] == 0.0
-        assert block["diff_ci_bootstrap"] == [0.0, 0.0]
+        assert block["diff_ci_bootstrap"] == [None, None]  # 3 questions
         assert block["paired_test"]["p"] == 1.0
         if "z_test" in block:
             assert block["z_test"]["z"] == 0.0 and block["z_test"]["p"] == 1.0
@@ -212,7 +212,7 @@ def test_compare_hand_computed():
     assert md["base"] == pytest.approx(11.5 / 7) and md["adapter"] == pytest.approx(2.5 / 7)
     assert md["diff"] == pytest.approx(-9 / 7)
     assert md["paired_test"]["p"] == pytest.approx(0.5)
-    assert md["diff_ci_bootstrap"][1] <= 0.0
+    assert md["diff_ci_bootstrap"] == [None, None]
 
     # Gray agreement: C2 starts agreeing (2 = gray); A2 (1 vs 0) and C1 (2 vs 0) stop -> 5/8.
     g = c["text_only_agreement_gray"]
