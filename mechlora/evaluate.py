@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from mechlora.data import QuestionGroup, data_hash, load_groups, load_image
 from mechlora.errors import MechloraError
 from mechlora.features import with_image_features
-from mechlora.io import prepare_out_dir, read_json, write_json, write_jsonl
+from mechlora.io import prepare_out_dir, read_json, read_jsonl, write_json, write_jsonl
 from mechlora.metrics import VariantPrediction, compare, compute_metrics
 from mechlora.models.subject import Subject
 from mechlora.patching import choice_head, margin
@@ -115,8 +115,7 @@ class EvalResult:
         path = folder / "predictions.jsonl"
         if not path.is_file():
             raise MechloraError(f"{path} not found; it is written next to eval.json")
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-                   if line.strip()]
+        records = read_jsonl(path)
         preds = {a: [VariantPrediction.from_dict(r) for r in records if r["arm"] == a]
                  for a in doc["arms"]}
         return cls(model=doc["model"], data=doc["data"],

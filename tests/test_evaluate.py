@@ -163,6 +163,20 @@ def test_result_round_trips(run):
     assert loaded.table() == result.table()
 
 
+def test_predictions_with_unicode_line_separators_read_back(run, tmp_path):
+    """Wordings may hold U+2028 and friends, raw in a UTF-8 predictions.jsonl."""
+    _, out = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    records = _records(out)
+    for i, ch in enumerate("\u2028\u2029\x85\x0b\x0c"):
+        records[i]["text"] = f"Is there{ch}effusion?"
+    (copy / "predictions.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    loaded = EvalResult.load(copy)
+    assert loaded.records == records
+
+
 # ---- adapters ---------------------------------------------------------------------------------
 
 def test_zero_adapter_gives_the_base_metrics(run):
