@@ -187,9 +187,9 @@ MIN_CLUSTERS = 5
 """Fewest clusters (questions) for which a bootstrap interval is given; with fewer it is nan.
 
 With n clusters a percentile bootstrap of a mean has few distinct resamples and shrinks the
-standard error by sqrt((n - 1) / n): a nominal 95% interval covered the truth in 50% of
-simulated data sets at n = 2, 76% at 3, 83% at 5 and 89% at 10 (docs/metrics.md,
-analyses/bootstrap_coverage.py). Below 5 an interval would look precise and mostly miss."""
+standard error by sqrt((n - 1) / n): a nominal 95% interval covered the truth in 51% of
+simulated data sets at n = 2, 74% at 3, 84% at 5 and 89% at 10 (docs/metrics.md,
+analyses/bootstrap_coverage.py). Below 5 an interval looks precise and misses too often."""
 
 MIN_SIGN_FLIP_SEEDS = 5
 """Fewest seeds for the sign-flip test over seeds: with m seeds its smallest p is 2 / 2^m
