@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from mechlora.errors import DataError, MechloraError
-from mechlora.io import atomic_write_text
+from mechlora.io import atomic_write_text, jsonl_lines
 
 JSONL_SUFFIXES = (".jsonl", ".json-lines", ".ndjson")
 CSV_SUFFIXES = (".csv",)
@@ -163,7 +163,7 @@ def _read_text(path: Path) -> str:
 
 
 def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for line, raw in enumerate(text.splitlines(), start=1):
+    for line, raw in enumerate(jsonl_lines(text), start=1):
         stripped = raw.strip()
         if not stripped or stripped.startswith("#"):
             continue

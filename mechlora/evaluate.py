@@ -30,12 +30,12 @@ from tqdm.auto import tqdm
 from mechlora.data import QuestionGroup, data_hash, load_groups, load_image
 from mechlora.errors import MechloraError
 from mechlora.features import with_image_features
-from mechlora.io import prepare_out_dir, read_json, write_json, write_jsonl
+from mechlora.io import prepare_out_dir, read_json, read_jsonl, write_json, write_jsonl
 from mechlora.metrics import VariantPrediction, compare, compute_metrics
 from mechlora.models.subject import Subject
 from mechlora.patching import choice_head, margin
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: cluster intervals as "ci", original_flip_rate, flip_auroc on "gap"
 BASE = "base"
 GRAY = "gray"  # stands for the uniform gray image in a prompt's `image`
 CONDITIONS = ("main", "gray", "noimage", "swap")
@@ -53,13 +53,15 @@ class Prompt:
 
 @dataclass
 class ArmOutput:
-    """Per variant-table row: choice index, margin, and the other conditions' choices."""
+    """Per variant-table row: choice index, margin, confidence gap, the other conditions'
+    choices."""
 
     pred: list[int]
     margin: list[float]
     other: dict[str, list[int | None]]  # condition -> choice per row (None: not run)
     decoded: list[str | None]
     seconds: float = 0.0
+    gap: list[float] = field(default_factory=list)  # predicted choice's logit - best other
 
 
 @dataclass
@@ -111,12 +113,13 @@ class EvalResult:
         if doc.get("schema_version") != SCHEMA_VERSION:
             raise MechloraError(f"{folder}/eval.json has schema version "
                                 f"{doc.get('schema_version')}; this mechlora reads "
-                                f"{SCHEMA_VERSION}")
+                                f"{SCHEMA_VERSION}: rerun mechlora eval, or recompute the "
+                                "metrics from its predictions.jsonl with "
+                                "mechlora.metrics.compute_metrics")
         path = folder / "predictions.jsonl"
         if not path.is_file():
             raise MechloraError(f"{path} not found; it is written next to eval.json")
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-                   if line.strip()]
+        records = read_jsonl(path)
         preds = {a: [VariantPrediction.from_dict(r) for r in records if r["arm"] == a]
                  for a in doc["arms"]}
         return cls(model=doc["model"], data=doc["data"],
@@ -304,7 +307,8 @@ def run_arm(subject: Subject, rows: Sequence[tuple[QuestionGroup, int]],
     """Run every prompt once (logits at the last position only) and read off the choices."""
     n = len(rows)
     out = ArmOutput(pred=[-1] * n, margin=[float("nan")] * n,
-                    other={c: [None] * n for c in CONDITIONS[1:]}, decoded=[None] * n)
+                    other={c: [None] * n for c in CONDITIONS[1:]}, decoded=[None] * n,
+                    gap=[float("nan")] * n)
     images = _Images(subject)
     # Only the choices' first tokens are read: the output head computes just those logits.
     vocab = sorted({i for ids in answer_ids.values() for i in ids})
@@ -322,6 +326,7 @@ def run_arm(subject: Subject, rows: Sequence[tuple[QuestionGroup, int]],
             if p.condition == "main":
                 out.pred[p.row] = pred
                 out.margin[p.row] = float(margin(logits[k], ids, g.answer_index))
+                out.gap[p.row] = float(margin(logits[k], ids, pred))
             else:
                 out.other[p.condition][p.row] = pred
         if decode:
@@ -522,7 +527,7 @@ def _result(model: str, groups: list[QuestionGroup], data_path: str | None,
                 group_id=g.id, variant=v, phenomenon=g.variants[v].phenomenon, type=g.type,
                 pred=o.pred[i], answer=g.answer_index, margin=o.margin[i],
                 pred_gray=o.other["gray"][i], pred_noimage=o.other["noimage"][i],
-                pred_swap=o.other["swap"][i])
+                pred_swap=o.other["swap"][i], gap=o.gap[i] if o.gap else float("nan"))
             preds[name].append(p)
             records.append(_record(name, g, p, swap_map, o.decoded[i], settings["decode"]))
     metrics = {n: compute_metrics(preds[n], n_boot=n_boot, seed=seed) for n in names}
@@ -549,6 +554,7 @@ def _record(arm: str, g: QuestionGroup, p: VariantPrediction, swap_map: dict[str
            "image": None if g.image is None else str(g.image),
            "pred": p.pred, "pred_choice": choice(p.pred), "answer": p.answer,
            "answer_choice": g.answer, "correct": p.pred == p.answer, "margin": p.margin,
+           "gap": p.gap,
            "pred_gray": p.pred_gray, "pred_noimage": p.pred_noimage, "pred_swap": p.pred_swap,
            "pred_gray_choice": choice(p.pred_gray),
            "pred_noimage_choice": choice(p.pred_noimage),

@@ -93,6 +93,38 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of JSON Lines text: split on "\n" only, as the format says.
+
+    `str.splitlines()` also splits on U+2028, U+2029, U+0085, \v, \f and \x1c-\x1e, which a
+    JSON string may hold unescaped (a question pasted from a PDF), so it would cut a record in
+    two. A "\r" before the "\n" stays on the line; JSON reads it as whitespace.
+    """
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last record
+    return lines
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """Every record of a JSON Lines file (blank lines skipped), or an error naming the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MechloraError(f"{path} not found") from None
+    records = []
+    for number, line in enumerate(jsonl_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise MechloraError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be "
+                                "one complete JSON value") from None
+    return records
+
+
 def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
     """Arrays to safetensors (never pickle), written atomically."""
     from safetensors.numpy import save

@@ -22,7 +22,9 @@ __all__ = [
     "compare",
     "compute_metrics",
     "group_predictions",
+    "original_pair_table",
     "pair_table",
+    "question_sums",
     "question_table",
     "to_predictions",
 ]
@@ -42,6 +44,8 @@ class VariantPrediction:
     `margin`: logit of the gold answer's first token minus the largest other choice's (guide
     section 2); nan when not measured. `pred_gray` / `pred_noimage` / `pred_swap`: the
     prediction with a uniform gray image, with no image, with another question's image.
+    `gap`: logit of the predicted choice's first token minus the largest other choice's
+    (>= 0; how sure the model is of its own answer); nan when not recorded.
     """
 
     group_id: Hashable
@@ -54,6 +58,7 @@ class VariantPrediction:
     pred_gray: int | None = None
     pred_noimage: int | None = None
     pred_swap: int | None = None
+    gap: float = math.nan
 
     @classmethod
     def from_dict(cls, row: Mapping[str, Any]) -> VariantPrediction:
@@ -62,8 +67,9 @@ class VariantPrediction:
         kw = {k: v for k, v in row.items() if k in known}
         kw.setdefault("phenomenon", None)
         kw.setdefault("type", None)
-        margin = kw.get("margin")
-        kw["margin"] = math.nan if margin is None else float(margin)
+        for key in ("margin", "gap"):
+            value = kw.get(key)
+            kw[key] = math.nan if value is None else float(value)
         missing = [k for k in ("group_id", "variant", "pred", "answer") if k not in kw]
         if missing:
             raise ValueError(f"prediction record lacks {', '.join(missing)}: {dict(row)}")
@@ -100,23 +106,39 @@ def group_predictions(preds: Iterable[VariantPrediction]
 
 @dataclass
 class PairTable:
-    """All unordered pairs of variants within a group, as aligned arrays."""
+    """Pairs of variants within a group, as aligned arrays."""
 
     group: np.ndarray  # group id index of each pair
     flip: np.ndarray  # bool: the two predictions differ
     margin_absdiff: np.ndarray  # |m_i - m_j|, nan when a margin is missing
 
 
+def _table(rows: list[tuple[int, VariantPrediction, VariantPrediction]]) -> PairTable:
+    return PairTable(np.asarray([g for g, _, _ in rows], dtype=int),
+                     np.asarray([a.pred != b.pred for _, a, b in rows], dtype=bool),
+                     np.asarray([abs(a.margin - b.margin) for _, a, b in rows], dtype=float))
+
+
 def pair_table(preds: list[VariantPrediction]) -> PairTable:
-    """Enumerate unordered pairs per group, in a deterministic order (for paired comparisons)."""
-    g_idx, flip, absdiff = [], [], []
+    """Every unordered pair of wordings per group, in a deterministic order (for pairing)."""
+    return _table([(gi, a, b) for gi, recs in enumerate(group_predictions(preds).values())
+                   for a, b in combinations(recs, 2)])
+
+
+def _original_pairs(preds: list[VariantPrediction]
+                    ) -> list[tuple[int, VariantPrediction, VariantPrediction]]:
+    """(group index, original, paraphrase) for every paraphrase of a group with variant 0."""
+    rows = []
     for gi, recs in enumerate(group_predictions(preds).values()):
-        for a, b in combinations(recs, 2):
-            g_idx.append(gi)
-            flip.append(a.pred != b.pred)
-            absdiff.append(abs(a.margin - b.margin))
-    return PairTable(np.asarray(g_idx, dtype=int), np.asarray(flip, dtype=bool),
-                     np.asarray(absdiff, dtype=float))
+        orig = next((r for r in recs if r.variant == 0), None)
+        if orig is not None:
+            rows.extend((gi, orig, r) for r in recs if r.variant != 0)
+    return rows
+
+
+def original_pair_table(preds: list[VariantPrediction]) -> PairTable:
+    """The pairs (original wording, paraphrase j) for every paraphrase j: the paper's pairs."""
+    return _table(_original_pairs(preds))
 
 
 @dataclass
@@ -125,25 +147,38 @@ class QuestionTable:
 
     group: np.ndarray  # group id index
     flip: np.ndarray  # bool: some paraphrase's prediction differs from the original's
-    margin0: np.ndarray  # margin of the original variant
+    gap0: np.ndarray  # confidence of the original's answer (see `_confidence`); nan unknown
     image_reliant: np.ndarray  # float 1/0: original's pred changes with a gray image; nan unknown
 
 
+def _confidence(r: VariantPrediction) -> float:
+    """Logit of the predicted choice minus the best other. Without a recorded gap it is known
+    only when the prediction is the gold answer: then it equals the margin."""
+    if math.isfinite(r.gap):
+        return r.gap
+    return r.margin if r.pred == r.answer else math.nan
+
+
 def question_table(preds: list[VariantPrediction]) -> QuestionTable:
-    g_idx, flip, m0, reliant = [], [], [], []
+    g_idx, flip, gap0, reliant = [], [], [], []
     for gi, recs in enumerate(group_predictions(preds).values()):
         orig = next((r for r in recs if r.variant == 0), None)
         if orig is None or len(recs) < 2:
             continue
         g_idx.append(gi)
         flip.append(any(r.pred != orig.pred for r in recs if r.variant != 0))
-        m0.append(orig.margin)
+        gap0.append(_confidence(orig))
         reliant.append(math.nan if orig.pred_gray is None else float(orig.pred != orig.pred_gray))
     return QuestionTable(np.asarray(g_idx, dtype=int), np.asarray(flip, dtype=bool),
-                         np.asarray(m0, dtype=float), np.asarray(reliant, dtype=float))
+                         np.asarray(gap0, dtype=float), np.asarray(reliant, dtype=float))
 
 
 # ---- summaries --------------------------------------------------------------------------------
+
+BOOTSTRAP = "cluster bootstrap over questions"
+WILSON = "Wilson (one item per question)"
+SIGN_FLIP = "paired sign-flip permutation over questions (two-sided)"
+
 
 @dataclass(frozen=True)
 class _Opts:
@@ -152,15 +187,22 @@ class _Opts:
     seed: int
 
 
+def _boot(clusters: np.ndarray, values: np.ndarray, o: _Opts) -> list[float]:
+    return list(stats.bootstrap_ci(clusters, values, n_boot=o.n_boot, level=o.level,
+                                   seed=o.seed))
+
+
 def _proportion(hits: np.ndarray, clusters: np.ndarray | None, o: _Opts) -> dict[str, Any]:
-    """Rate with its Wilson CI (headline) and, for clustered items, a cluster-bootstrap CI."""
+    """A rate and its interval: cluster bootstrap over questions when several items share a
+    question (`clusters`), Wilson when each item is its own question (clusters None)."""
     hits = np.asarray(hits, dtype=bool)
     k, n = int(hits.sum()), int(hits.size)
-    out: dict[str, Any] = {"value": k / n if n else None, "k": k, "n": n,
-                           "ci_wilson": list(stats.wilson_ci(k, n, o.level))}
-    if clusters is not None:
-        out["ci_bootstrap"] = list(stats.bootstrap_ci(clusters, hits, n_boot=o.n_boot,
-                                                      level=o.level, seed=o.seed))
+    out: dict[str, Any] = {"value": k / n if n else None, "k": k, "n": n}
+    if clusters is None:
+        out.update(ci=list(stats.wilson_ci(k, n, o.level)), ci_method=WILSON)
+    else:
+        out.update(n_questions=int(np.unique(clusters).size), ci=_boot(clusters, hits, o),
+                   ci_method=BOOTSTRAP)
     return out
 
 
@@ -169,21 +211,22 @@ def _mean(values: np.ndarray, clusters: np.ndarray, o: _Opts) -> dict[str, Any]:
     ok = np.isfinite(values)
     v, c = values[ok], clusters[ok]
     return {"value": float(v.mean()) if v.size else None, "n": int(v.size),
-            "ci_bootstrap": list(stats.bootstrap_ci(c, v, n_boot=o.n_boot, level=o.level,
-                                                    seed=o.seed))}
+            "n_questions": int(np.unique(c).size), "ci": _boot(c, v, o),
+            "ci_method": BOOTSTRAP}
 
 
 def _core(preds: list[VariantPrediction], o: _Opts) -> dict[str, Any]:
-    """Accuracy, pairwise flip, question-level flip and margin difference."""
+    """Accuracy, flip rates (vs the original, all pairs, per question), margin difference."""
     gid = {g: i for i, g in enumerate(group_predictions(preds))}
     var_group = np.asarray([gid[r.group_id] for r in preds], dtype=int)
     correct = np.asarray([r.pred == r.answer for r in preds], dtype=bool)
-    pairs = pair_table(preds)
+    pairs, originals = pair_table(preds), original_pair_table(preds)
     q = question_table(preds)
     return {
         "n_variants": len(preds),
         "n_groups": len(gid),
         "accuracy": _proportion(correct, var_group, o),
+        "original_flip_rate": _proportion(originals.flip, originals.group, o),
         "pairwise_flip_rate": _proportion(pairs.flip, pairs.group, o),
         "question_flip_rate": _proportion(q.flip, None, o),
         "margin_diff": _mean(pairs.margin_absdiff, pairs.group, o),
@@ -211,12 +254,15 @@ def _quadrants(q: QuestionTable) -> dict[str, Any]:
 
 
 def _flip_auroc(q: QuestionTable, o: _Opts) -> dict[str, Any]:
-    ok = np.isfinite(q.margin0)
-    score, label = -np.abs(q.margin0[ok]), q.flip[ok]
+    """Does a small confidence gap of the original's answer predict that the question flips?"""
+    ok = np.isfinite(q.gap0)
+    score, label = -q.gap0[ok], q.flip[ok]
     return {"value": stats.auroc(score, label), "n_pos": int(label.sum()),
-            "n_neg": int((~label).sum()),
-            "ci_bootstrap": list(stats.auroc_ci(score, label, n_boot=o.n_boot, level=o.level,
-                                                seed=o.seed))}
+            "n_neg": int((~label).sum()), "n_unscored": int((~ok).sum()),
+            "score": "-(logit of the original's predicted choice - best other choice)",
+            "ci": list(stats.auroc_ci(score, label, n_boot=o.n_boot, level=o.level,
+                                      seed=o.seed)),
+            "ci_method": "percentile bootstrap over questions"}
 
 
 def _group_type(recs: list[VariantPrediction]) -> str | None:
@@ -240,23 +286,17 @@ def _by_type(preds: list[VariantPrediction], o: _Opts) -> dict[str, Any]:
 def _by_phenomenon(preds: list[VariantPrediction], o: _Opts) -> dict[str, Any]:
     """Per phenomenon: pairs (original, paraphrase showing it)."""
     rows: dict[str, list[tuple[int, VariantPrediction, VariantPrediction]]] = {}
-    for gi, recs in enumerate(group_predictions(preds).values()):
-        orig = next((r for r in recs if r.variant == 0), None)
-        if orig is None:
-            continue
-        for r in recs:
-            if r.variant != 0 and r.phenomenon is not None:
-                rows.setdefault(r.phenomenon, []).append((gi, orig, r))
+    for gi, orig, r in _original_pairs(preds):
+        if r.phenomenon is not None:
+            rows.setdefault(r.phenomenon, []).append((gi, orig, r))
     out = {}
     for ph in sorted(rows):
-        g = np.asarray([gi for gi, _, _ in rows[ph]], dtype=int)
-        flip = np.asarray([a.pred != b.pred for _, a, b in rows[ph]], dtype=bool)
-        diff = np.asarray([abs(a.margin - b.margin) for _, a, b in rows[ph]], dtype=float)
+        t = _table(rows[ph])
         correct = np.asarray([b.pred == b.answer for _, _, b in rows[ph]], dtype=bool)
-        out[ph] = {"n_pairs": int(g.size),
-                   "accuracy": _proportion(correct, g, o),
-                   "flip_rate": _proportion(flip, g, o),
-                   "margin_diff": _mean(diff, g, o)}
+        out[ph] = {"n_pairs": int(t.group.size),
+                   "accuracy": _proportion(correct, t.group, o),
+                   "flip_rate": _proportion(t.flip, t.group, o),
+                   "margin_diff": _mean(t.margin_absdiff, t.group, o)}
     return out
 
 
@@ -273,6 +313,11 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _settings(level: float, n_boot: int, seed: int, **extra: Any) -> dict[str, Any]:
+    return {"level": level, "n_boot": n_boot, "seed": seed,
+            "min_questions_for_interval": stats.MIN_CLUSTERS, **extra}
+
+
 def compute_metrics(preds: Iterable[VariantPrediction | Mapping[str, Any]], *,
                     n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
     """All single-model metrics (see docs/metrics.md) as a JSON-serialisable dict."""
@@ -285,12 +330,64 @@ def compute_metrics(preds: Iterable[VariantPrediction | Mapping[str, Any]], *,
         "text_only_agreement_noimage": _agreement(recs, "pred_noimage", differ=False, o=o),
         "swap_sensitivity": _agreement(recs, "pred_swap", differ=True, o=o),
         "image_reliance_quadrants": _quadrants(q),
-        "flip_auroc_margin": _flip_auroc(q, o),
+        "flip_auroc": _flip_auroc(q, o),
         "by_type": _by_type(recs, o),
         "by_phenomenon": _by_phenomenon(recs, o),
-        "settings": {"level": level, "n_boot": n_boot, "seed": seed},
+        "settings": _settings(level, n_boot, seed),
     })
     return _jsonable(out)
+
+
+# ---- per question (for statistics over seeds) ------------------------------------------------
+
+@dataclass
+class QuestionSums:
+    """Per question, the numerator and the denominator of each pooled metric.
+
+    The pooled metric is sums[m].sum() / counts[m].sum(); sums[m] / counts[m] is the question's
+    own value. For seeds x questions statistics (stats.crossed_bootstrap, seed_rate) stack the
+    per-question values of each seed and pass `counts[m]` as the weights.
+    """
+
+    group_ids: list[Hashable]
+    sums: dict[str, np.ndarray]  # metric -> [n_questions]
+    counts: dict[str, np.ndarray]  # metric -> [n_questions]
+
+    def values(self, metric: str) -> np.ndarray:
+        """Each question's value of `metric` (nan where it has no item)."""
+        c = self.counts[metric]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(c > 0, self.sums[metric] / np.where(c > 0, c, 1), np.nan)
+
+
+def question_sums(preds: Iterable[VariantPrediction | Mapping[str, Any]]) -> QuestionSums:
+    """Accuracy, the flip rates, margin difference and text-only agreement per question."""
+    recs = to_predictions(preds)
+    groups = list(group_predictions(recs))
+    gid = {g: i for i, g in enumerate(groups)}
+    n = len(groups)
+    sums, counts = {}, {}
+
+    def add(name: str, clusters: np.ndarray, values: np.ndarray) -> None:
+        ok = np.isfinite(values)
+        sums[name] = np.bincount(clusters[ok], weights=values[ok], minlength=n)
+        counts[name] = np.bincount(clusters[ok], minlength=n).astype(float)
+
+    add("accuracy", np.asarray([gid[r.group_id] for r in recs], dtype=int),
+        np.asarray([r.pred == r.answer for r in recs], dtype=float))
+    for name, t in (("original_flip_rate", original_pair_table(recs)),
+                    ("pairwise_flip_rate", pair_table(recs))):
+        add(name, t.group, t.flip.astype(float))
+    q = question_table(recs)
+    add("question_flip_rate", q.group, q.flip.astype(float))
+    t = pair_table(recs)
+    add("margin_diff", t.group, t.margin_absdiff)
+    for name, attr in (("text_only_agreement_gray", "pred_gray"),
+                       ("text_only_agreement_noimage", "pred_noimage")):
+        have = [r for r in recs if getattr(r, attr) is not None]
+        add(name, np.asarray([gid[r.group_id] for r in have], dtype=int),
+            np.asarray([r.pred == getattr(r, attr) for r in have], dtype=float))
+    return QuestionSums(groups, sums, counts)
 
 
 # ---- base vs adapter --------------------------------------------------------------------------
@@ -303,16 +400,21 @@ def _align(base: list[VariantPrediction], adapter: list[VariantPrediction]
     return b, [a_by_key[(r.group_id, r.variant)] for r in b]
 
 
-def _z_block(k1: int, n1: int, k2: int, n2: int) -> dict[str, Any]:
+INDEPENDENCE = "independent items: ignores that the items of one question are correlated"
+
+
+def _unclustered(b_hits: np.ndarray, a_hits: np.ndarray, unit: str) -> dict[str, Any]:
+    """Tests over items that assume independence: kept to compare with published numbers,
+    never the headline (docs/metrics.md)."""
+    k1, k2, n = int(b_hits.sum()), int(a_hits.sum()), int(b_hits.size)
     # Adapter first so that the sign of z matches the sign of diff = adapter - base.
-    z, p = stats.two_proportion_z(k2, n2, k1, n1)
-    return {"test": "two-proportion z-test (pooled, two-sided)", "z": z, "p": p}
-
-
-def _mcnemar_block(base: np.ndarray, adapter: np.ndarray, unit: str) -> dict[str, Any]:
-    r = stats.mcnemar_paired(base, adapter)
-    return {"test": f"exact McNemar over {unit} (two-sided)", "n": int(base.size),
-            "b01": r.b01, "b10": r.b10, "p": r.p}
+    z, p = stats.two_proportion_z(k2, n, k1, n)
+    mc = stats.mcnemar_paired(b_hits, a_hits)
+    return {"assumes": INDEPENDENCE,
+            "z_test": {"test": f"two-proportion z-test over {unit} (pooled, two-sided)",
+                       "z": z, "p": p},
+            "mcnemar": {"test": f"exact McNemar over {unit} (two-sided)", "b01": mc.b01,
+                        "b10": mc.b10, "p": mc.p}}
 
 
 def _signflip_block(diff: np.ndarray, clusters: np.ndarray, n_questions: int, n_perm: int,
@@ -320,25 +422,34 @@ def _signflip_block(diff: np.ndarray, clusters: np.ndarray, n_questions: int, n_
     """Sign-flip test on per-question sums of the per-item differences."""
     per_q = np.bincount(clusters, weights=diff, minlength=n_questions) if diff.size else diff
     r = stats.sign_flip_test(per_q, n_perm=n_perm, seed=seed)
-    return {"test": "paired sign-flip permutation over questions (two-sided)",
-            "n_questions": int(np.unique(clusters).size), "exact": r.exact, "p": r.p}
+    return {"test": SIGN_FLIP, "n_questions": int(np.unique(clusters).size), "exact": r.exact,
+            "p": r.p}
 
 
-def _paired_binary(b_hits: np.ndarray, a_hits: np.ndarray, clusters: np.ndarray,
-                   o: _Opts) -> dict[str, Any]:
-    k1, k2, n = int(b_hits.sum()), int(a_hits.sum()), int(b_hits.size)
-    diff = a_hits.astype(float) - b_hits.astype(float)
-    return {"base": k1 / n if n else None, "adapter": k2 / n if n else None,
-            "diff": (k2 - k1) / n if n else None, "n": n,
-            "diff_ci_bootstrap": list(stats.bootstrap_ci(clusters, diff, n_boot=o.n_boot,
-                                                         level=o.level, seed=o.seed)),
-            "z_test": _z_block(k1, n, k2, n)}
+def _paired(b_vals: np.ndarray, a_vals: np.ndarray, clusters: np.ndarray, o: _Opts,
+            test: dict[str, Any] | None = None, *, n_q: int = 0, n_perm: int = 0
+            ) -> dict[str, Any]:
+    """Base, adapter, their difference with a paired cluster-bootstrap interval, and the paired
+    test: `test`, else the sign-flip test over questions."""
+    b_vals, a_vals = np.asarray(b_vals, dtype=float), np.asarray(a_vals, dtype=float)
+    diff, n = a_vals - b_vals, int(b_vals.size)
+    return {"base": float(b_vals.mean()) if n else None,
+            "adapter": float(a_vals.mean()) if n else None,
+            "diff": float(diff.mean()) if n else None, "n": n,
+            "n_questions": int(np.unique(clusters).size),
+            "diff_ci": _boot(clusters, diff, o), "diff_ci_method": f"paired {BOOTSTRAP}",
+            "paired_test": test or _signflip_block(diff, clusters, n_q, n_perm, o.seed)}
 
 
 def compare(base: Iterable[VariantPrediction | Mapping[str, Any]],
             adapter: Iterable[VariantPrediction | Mapping[str, Any]], *, n_boot: int = 2000,
             seed: int = 0, level: float = 0.95, n_perm: int = 10000) -> dict[str, Any]:
-    """Base vs adapter on the (group_id, variant) records both have; diff = adapter - base."""
+    """Base vs adapter on the (group_id, variant) records both have; diff = adapter - base.
+
+    Every interval resamples questions and every headline test permutes within questions
+    (docs/metrics.md); tests that treat wordings or pairs as independent are kept apart
+    under `unclustered`.
+    """
     b_all, a_all = to_predictions(base), to_predictions(adapter)
     b, a = _align(b_all, a_all)
     if not b:
@@ -348,39 +459,34 @@ def compare(base: Iterable[VariantPrediction | Mapping[str, Any]],
     n_q = len(gid)
     var_group = np.asarray([gid[r.group_id] for r in b], dtype=int)
 
+    def binary(hb: np.ndarray, ha: np.ndarray, clusters: np.ndarray, unit: str
+               ) -> dict[str, Any]:
+        return {**_paired(hb, ha, clusters, o, n_q=n_q, n_perm=n_perm),
+                "unclustered": _unclustered(hb, ha, unit)}
+
     correct_b = np.asarray([r.pred == r.answer for r in b], dtype=bool)
     correct_a = np.asarray([r.pred == r.answer for r in a], dtype=bool)
-    acc = _paired_binary(correct_b, correct_a, var_group, o)
-    acc["paired_test"] = _mcnemar_block(correct_b, correct_a, "variants")
-    # Variants of one question are correlated; this test respects that, McNemar does not.
-    acc["clustered_paired_test"] = _signflip_block(
-        correct_a.astype(float) - correct_b.astype(float), var_group, n_q, n_perm, seed)
-
-    pb, pa = pair_table(b), pair_table(a)
-    pflip = _paired_binary(pb.flip, pa.flip, pb.group, o)
-    pflip["paired_test"] = _signflip_block(pa.flip.astype(float) - pb.flip.astype(float),
-                                           pb.group, n_q, n_perm, seed)
-
-    qb, qa = question_table(b), question_table(a)
-    qflip = _paired_binary(qb.flip, qa.flip, qb.group, o)
-    qflip["paired_test"] = _mcnemar_block(qb.flip, qa.flip, "questions")
-
-    ok = np.isfinite(pb.margin_absdiff) & np.isfinite(pa.margin_absdiff)
-    mb, ma, mg = pb.margin_absdiff[ok], pa.margin_absdiff[ok], pb.group[ok]
-    mdiff = ma - mb
-    margin = {"base": float(mb.mean()) if mb.size else None,
-              "adapter": float(ma.mean()) if ma.size else None,
-              "diff": float(mdiff.mean()) if mdiff.size else None, "n": int(mdiff.size),
-              "diff_ci_bootstrap": list(stats.bootstrap_ci(mg, mdiff, n_boot=n_boot,
-                                                           level=level, seed=seed)),
-              "paired_test": _signflip_block(mdiff, mg, n_q, n_perm, seed)}
-
     out: dict[str, Any] = {
         "n_aligned_variants": len(b), "n_aligned_groups": n_q,
         "n_unmatched_base": len(b_all) - len(b), "n_unmatched_adapter": len(a_all) - len(a),
-        "accuracy": acc, "pairwise_flip_rate": pflip, "question_flip_rate": qflip,
-        "margin_diff": margin,
+        "accuracy": binary(correct_b, correct_a, var_group, "wordings"),
     }
+    ob, oa = original_pair_table(b), original_pair_table(a)
+    out["original_flip_rate"] = binary(ob.flip, oa.flip, ob.group, "pairs (original, j)")
+    pb, pa = pair_table(b), pair_table(a)
+    out["pairwise_flip_rate"] = binary(pb.flip, pa.flip, pb.group, "pairs")
+
+    # One item per question: McNemar over questions respects both pairing and independence.
+    qb, qa = question_table(b), question_table(a)
+    mc = stats.mcnemar_paired(qb.flip, qa.flip)
+    out["question_flip_rate"] = _paired(
+        qb.flip, qa.flip, qb.group, o, {"test": "exact McNemar over questions (two-sided)",
+                                        "n_questions": int(qb.group.size), "b01": mc.b01,
+                                        "b10": mc.b10, "p": mc.p})
+
+    ok = np.isfinite(pb.margin_absdiff) & np.isfinite(pa.margin_absdiff)
+    out["margin_diff"] = _paired(pb.margin_absdiff[ok], pa.margin_absdiff[ok], pb.group[ok], o,
+                                 n_q=n_q, n_perm=n_perm)
     for key, attr in (("text_only_agreement_gray", "pred_gray"),
                       ("text_only_agreement_noimage", "pred_noimage")):
         both = [(rb, ra) for rb, ra in zip(b, a, strict=True)
@@ -390,8 +496,6 @@ def compare(base: Iterable[VariantPrediction | Mapping[str, Any]],
         hb = np.asarray([rb.pred == getattr(rb, attr) for rb, _ in both], dtype=bool)
         ha = np.asarray([ra.pred == getattr(ra, attr) for _, ra in both], dtype=bool)
         clusters = np.asarray([gid[rb.group_id] for rb, _ in both], dtype=int)
-        block = _paired_binary(hb, ha, clusters, o)
-        block["paired_test"] = _mcnemar_block(hb, ha, "variants")
-        out[key] = block
-    out["settings"] = {"level": level, "n_boot": n_boot, "seed": seed, "n_perm": n_perm}
+        out[key] = binary(hb, ha, clusters, "wordings")
+    out["settings"] = _settings(level, n_boot, seed, n_perm=n_perm)
     return _jsonable(out)

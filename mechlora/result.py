@@ -12,33 +12,22 @@ from typing import Any
 
 import numpy as np
 
+from mechlora import stats
 from mechlora.errors import MechloraError
 from mechlora.io import load_arrays, read_json, save_arrays, write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: records n_boot and how intervals were made ("interval")
+READS = (1, 2)
+V1_N_BOOT = 1000  # version 1 did not record n_boot; every writer of it used 1000
 
 
-def bootstrap_mean_ci(values: np.ndarray, clusters: np.ndarray, *, n_boot: int = 1000,
-                      level: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap CI of the column means of `values` [n, L], resampling clusters.
-
-    Pairs of one question share its image and phrasings, so questions (clusters) are the
-    independent units, not pairs.
-    """
-    if len(values) == 0:
-        nan = np.full(values.shape[1:], np.nan)
-        return nan, nan
-    ids, inv = np.unique(clusters, return_inverse=True)
-    sums = np.zeros((len(ids), *values.shape[1:]))
-    np.add.at(sums, inv, np.nan_to_num(values))
-    counts = np.bincount(inv, minlength=len(ids)).astype(float)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(ids), size=(n_boot, len(ids)))
-    weights = np.stack([np.bincount(d, minlength=len(ids)) for d in draws]).astype(float)
-    means = (weights @ sums.reshape(len(ids), -1)) / (weights @ counts)[:, None]
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(means, [alpha, 1 - alpha], axis=0)
-    return lo.reshape(values.shape[1:]), hi.reshape(values.shape[1:])
+def _column_means(values: np.ndarray, n_layers: int) -> np.ndarray:
+    """Per-layer mean over pairs of the finite values (nan where a layer has none)."""
+    if not len(values):
+        return np.full(n_layers, np.nan)
+    ok = np.isfinite(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, values, 0.0).sum(0) / ok.sum(0)
 
 
 @dataclass
@@ -65,12 +54,16 @@ class LocalizationResult:
         return len(self.pair_ids)
 
     def mean(self, component: str) -> np.ndarray:
-        values = self.restoration[component]
-        return values.mean(0) if len(values) else np.full(self.n_layers, np.nan)
+        """Per-layer mean restoration over pairs (non-finite values left out)."""
+        return _column_means(self.restoration[component], self.n_layers)
+
+    def _interval(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """95% cluster bootstrap over question groups; nan (undefined) with fewer than
+        stats.MIN_CLUSTERS groups."""
+        return stats.bootstrap_ci(np.asarray(self.group_ids), values, n_boot=self.n_boot)
 
     def ci(self, component: str) -> tuple[np.ndarray, np.ndarray]:
-        return bootstrap_mean_ci(self.restoration[component], np.asarray(self.group_ids),
-                                 n_boot=self.n_boot)
+        return self._interval(self.restoration[component])
 
     @property
     def score_name(self) -> str:
@@ -91,11 +84,10 @@ class LocalizationResult:
     def scores(self) -> np.ndarray:
         """The per-layer score the selector uses: the mean of `per_pair_scores` over pairs."""
         s = self.per_pair_scores()
-        return s.mean(0) if len(s) else np.zeros(self.n_layers)
+        return _column_means(s, self.n_layers) if len(s) else np.zeros(self.n_layers)
 
     def score_ci(self) -> tuple[np.ndarray, np.ndarray]:
-        return bootstrap_mean_ci(self.per_pair_scores(), np.asarray(self.group_ids),
-                                 n_boot=self.n_boot)
+        return self._interval(self.per_pair_scores())
 
     def summary(self) -> dict[str, Any]:
         """The JSON document written as localization.json."""
@@ -104,8 +96,7 @@ class LocalizationResult:
             lo, hi = self.ci(c)
             comps[c] = {"mean": self.mean(c), "ci_low": lo, "ci_high": hi}
         lo, hi = self.score_ci()
-        div = {k: (v.mean(0) if len(v) else np.full(self.n_layers, np.nan))
-               for k, v in self.divergence.items()}
+        div = {k: _column_means(v, self.n_layers) for k, v in self.divergence.items()}
         return _finite({
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
@@ -116,6 +107,10 @@ class LocalizationResult:
             "n_pairs": self.n_pairs,
             "n_groups": len(set(self.group_ids)),
             "n_excluded": len(self.excluded),
+            "n_boot": self.n_boot,
+            "interval": {"method": "percentile cluster bootstrap over question groups",
+                         "level": 0.95, "n_boot": self.n_boot, "seed": 0,
+                         "min_groups": stats.MIN_CLUSTERS},
             "restoration": comps,
             "score": {"name": self.score_name, "values": self.scores, "ci_low": lo, "ci_high": hi},
             "divergence": div,
@@ -142,10 +137,10 @@ class LocalizationResult:
         path = Path(path)
         folder = path.parent if path.name == "localization.json" else path
         doc = read_json(folder / "localization.json")
-        if doc.get("schema_version") != SCHEMA_VERSION:
+        if doc.get("schema_version") not in READS:
             raise MechloraError(f"{folder}/localization.json has schema version "
-                                f"{doc.get('schema_version')}; this mechlora reads "
-                                f"{SCHEMA_VERSION}")
+                                f"{doc.get('schema_version')}; this mechlora reads versions "
+                                f"{', '.join(map(str, READS))}: rerun mechlora localize")
         if not (folder / "arrays.safetensors").is_file():
             raise MechloraError(f"{folder} has no arrays.safetensors; rerun mechlora localize")
         arrays = load_arrays(folder / "arrays.safetensors")
@@ -158,6 +153,7 @@ class LocalizationResult:
             divergence={k.split(".", 1)[1]: v for k, v in arrays.items()
                         if k.startswith("divergence.")},
             excluded=doc["excluded"], settings=doc["settings"],
+            n_boot=doc.get("n_boot", V1_N_BOOT),
         )
 
 

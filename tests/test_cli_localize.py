@@ -30,7 +30,7 @@ def test_localize_writes_json_arrays_and_report(tmp_path, small_pairs, capsys):
                            "--out", str(out), "--max-pairs-per-group", "1", "--quiet"], capsys)
     assert code in (0, None)
     doc = json.loads((out / "localization.json").read_text())
-    assert doc["schema_version"] == 1 and doc["n_layers"] == 12
+    assert doc["schema_version"] == 2 and doc["n_layers"] == 12
     assert doc["n_pairs"] + doc["n_excluded"] == 2
     assert len(doc["score"]["values"]) == 12
     assert doc["settings"]["selection"]["spec"]

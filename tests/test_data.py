@@ -22,6 +22,7 @@ from mechlora.data import (
     write_groups,
 )
 from mechlora.errors import DataError, MechloraError
+from mechlora.io import read_jsonl
 
 
 def make_image(path: Path, value: int = 128) -> Path:
@@ -546,3 +547,39 @@ def test_write_groups_refuses_image_outside_folder(tmp_path):
     with pytest.raises(MechloraError, match="not in or below"):
         write_groups(tmp_path / "sub" / "out.jsonl", groups)
     assert not (tmp_path / "sub" / "out.jsonl").exists()
+
+
+LINE_BREAKERS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"  # str.splitlines() splits on each
+
+
+def test_write_load_round_trip_keeps_unicode_line_separators(tmp_path):
+    """Text may hold characters that str.splitlines() treats as line ends; JSONL does not."""
+    texts = [f"Is there{ch}effusion?" for ch in LINE_BREAKERS]
+    groups = [QuestionGroup(id=f"g{i}{ch}x", variants=(Variant(t), Variant(t + " (again)",
+                                                                            f"ph{ch}ase")),
+                            answer="yes", type=f"t{ch}y")
+              for i, (ch, t) in enumerate(zip(LINE_BREAKERS, texts, strict=True))]
+    out = tmp_path / "out.jsonl"
+    write_groups(out, groups)
+    again = load_groups(out)
+    assert [(g.id, g.variants, g.type) for g in again] == [(g.id, g.variants, g.type)
+                                                          for g in groups]
+    assert [g.line for g in again] == list(range(1, len(groups) + 1))  # lines count "\n" only
+
+
+def test_crlf_jsonl_still_loads(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(("\r\n".join(json.dumps(group_record(id=f"g{i}")) for i in range(3))
+                      + "\r\n").encode())
+    assert [g.id for g in load_groups(path)] == ["g0", "g1", "g2"]
+
+
+def test_read_jsonl_splits_on_newline_only(tmp_path):
+    rows = [{"text": f"a{ch}b", "i": i} for i, ch in enumerate(LINE_BREAKERS)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + "\n",
+                    encoding="utf-8")
+    assert read_jsonl(path) == rows
+    path.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
+    with pytest.raises(MechloraError, match=r"rows.jsonl:2: not valid JSON"):
+        read_jsonl(path)

@@ -93,7 +93,7 @@ def _small_data(tmp_path: Path, groups: list[dict]) -> Path:
 def test_outputs_and_schema(run):
     result, out = run
     doc = json.loads((out / "eval.json").read_text())
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
     assert list(doc["arms"]) == ["base", "zero", "rand"]
     assert doc["arms"]["base"]["adapter"] is None
     assert Path(doc["arms"]["rand"]["adapter"]).name == "rand"
@@ -109,6 +109,7 @@ def test_outputs_and_schema(run):
     assert all(isinstance(r["decoded"], str) for r in records)
     assert "<script" in (out / "report.html").read_text()[:5_000_000]  # plotly embedded
     assert result.table().splitlines()[1:] and "rand" in result.table()
+    assert "flip vs original" in result.table() and "flip all pairs" in result.table()
 
 
 def test_metrics_are_compute_metrics_of_the_written_predictions(run):
@@ -141,6 +142,8 @@ def test_predictions_match_direct_forwards(vlm, run):
             assert rec["pred"] == int(main[ids].argmax())
             assert rec["margin"] == pytest.approx(float(margin(main, ids, g.answer_index)),
                                                   abs=1e-4)
+            top2 = main[ids].topk(2).values
+            assert rec["gap"] == pytest.approx(float(top2[0] - top2[1]), abs=1e-4)
             assert rec["pred_gray"] == int(grey[ids].argmax())
             assert rec["pred_noimage"] == int(none[ids].argmax())
 
@@ -161,6 +164,73 @@ def test_result_round_trips(run):
     assert loaded.metrics == json.loads(json.dumps(result.metrics))
     assert loaded.predictions["rand"] == result.predictions["rand"]
     assert loaded.table() == result.table()
+
+
+def test_gap_is_the_predicted_choices_lead_with_three_choices():
+    """With three choices the margin is about the gold answer; the gap about the prediction."""
+    from mechlora.data import Variant
+
+    model, tok = tiny_gemma3_text(seed=0, n_layers=2)
+    text = wrap(model, tok, name="tiny-text-2")
+    choices = ("yes", "no", "maybe")
+    groups = [QuestionGroup(id=f"g{k}", variants=(Variant(q), Variant(q + " Really?")),
+                            answer=choices[k % 3], choices=choices)
+              for k, q in enumerate(["Is it red?", "Is it big?", "Does it fly?", "Is it old?"])]
+    result = evaluate(text, groups, n_boot=N_BOOT, progress=False)
+    ids = text.answer_token_ids(choices)
+    recs = {(r["group_id"], r["variant"]): r for r in result.records}
+    for g in groups:
+        for v, variant in enumerate(g.variants):
+            with torch.inference_mode():
+                logits = text.model(**text.encode([variant.text], [None])).logits[0, -1, ids]
+            rec = recs[(g.id, v)]
+            top2 = logits.topk(2).values
+            assert rec["pred"] == int(logits.argmax())
+            assert rec["gap"] == pytest.approx(float(top2[0] - top2[1]), abs=1e-4)
+            others = torch.cat([logits[:g.answer_index], logits[g.answer_index + 1:]])
+            assert rec["margin"] == pytest.approx(float(logits[g.answer_index] - others.max()),
+                                                  abs=1e-4)
+    assert result.metrics["base"]["flip_auroc"]["n_unscored"] == 0
+
+
+def test_table_and_report_say_when_an_interval_is_undefined(tmp_path):
+    from mechlora.report.eval import render_table, write_report
+
+    rows = [{"group_id": g, "variant": v, "pred": (v + k) % 2, "answer": 0, "margin": 0.1 * v}
+            for k, g in enumerate("ABC") for v in range(3)]
+    doc = {"model": "m[x]", "data": {"path": None, "hash": "0" * 64, "n_groups": 3,
+                                     "n_variants": 9},
+           "arms": {"base": {"adapter": None, "metrics": compute_metrics(rows, n_boot=50)}},
+           "comparisons": {}, "settings": {}}
+    table = render_table(doc)
+    assert "[n/a]" in table and "m[x]" in table  # rich would eat both as markup
+    html_text = write_report(tmp_path / "r.html", doc, [], plotlyjs="cdn").read_text()
+    assert "no CI" in html_text and "[n/a]" in html_text
+
+
+def test_old_eval_json_is_refused_with_a_way_out(run, tmp_path):
+    _, out = run
+    copy = tmp_path / "v1"
+    shutil.copytree(out, copy)
+    doc = json.loads((copy / "eval.json").read_text())
+    doc["schema_version"] = 1
+    (copy / "eval.json").write_text(json.dumps(doc))
+    with pytest.raises(MechloraError, match="schema version 1.*compute_metrics"):
+        EvalResult.load(copy)
+
+
+def test_predictions_with_unicode_line_separators_read_back(run, tmp_path):
+    """Wordings may hold U+2028 and friends, raw in a UTF-8 predictions.jsonl."""
+    _, out = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    records = _records(out)
+    for i, ch in enumerate("\u2028\u2029\x85\x0b\x0c"):
+        records[i]["text"] = f"Is there{ch}effusion?"
+    (copy / "predictions.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    loaded = EvalResult.load(copy)
+    assert loaded.records == records
 
 
 # ---- adapters ---------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to decode with --decode.")] = 16,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per "
                                             "forward.")] = 16,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap replicates for intervals.")] = 2000,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap replicates for the intervals (resampling "
+                                        "questions; none below 5 questions).")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap and the image swap.")] = 0,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda if "

@@ -17,10 +17,11 @@ from mechlora.metrics import QUADRANTS
 from mechlora.report.page import Page
 
 NA = "n/a"
-NOTE = ("Flip rate: pairs of wordings of one question whose answers differ. Intervals: Wilson "
-        "(rates), bootstrap over questions (margin diff). p paired: sign-flip permutation over "
-        "questions (flip rate), exact McNemar over wordings (accuracy); p z: pooled two-proportion "
-        "z-test. See docs/metrics.md.")
+NOTE = ("Flip vs original: pairs (original wording, paraphrase) whose answers differ, the paper's "
+        "flip rate; flip all pairs: every pair of wordings of a question. Intervals: 95% cluster "
+        "bootstrap over questions (wordings of one question are not independent; n/a with fewer "
+        "than 5 questions). p: paired sign-flip permutation test over questions, adapter vs "
+        "base. See docs/metrics.md.")
 
 
 def _get(d: dict | None, *keys: str) -> Any:
@@ -31,14 +32,14 @@ def _get(d: dict | None, *keys: str) -> Any:
     return d
 
 
-def pct(block: dict | None, ci: str = "ci_wilson") -> str:
-    """'14.6% [9.9, 21.0]' from a metrics block with value and interval."""
+def pct(block: dict | None) -> str:
+    """'14.6% [9.9, 21.0]' from a metrics block with value and interval ('[n/a]': undefined)."""
     value = _get(block, "value")
     if value is None:
         return NA
-    lo, hi = (_get(block, ci) or [None, None])[:2]
+    lo, hi = (_get(block, "ci") or [None, None])[:2]
     if lo is None or hi is None:
-        return f"{100 * value:.1f}%"
+        return f"{100 * value:.1f}% [{NA}]"
     return f"{100 * value:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
@@ -46,9 +47,9 @@ def num(block: dict | None) -> str:
     value = _get(block, "value")
     if value is None:
         return NA
-    lo, hi = (_get(block, "ci_bootstrap") or [None, None])[:2]
+    lo, hi = (_get(block, "ci") or [None, None])[:2]
     if lo is None or hi is None:
-        return f"{value:.3g}"
+        return f"{value:.3g} [{NA}]"
     return f"{value:.3g} [{lo:.3g}, {hi:.3g}]"
 
 
@@ -63,8 +64,8 @@ def _relation(p: float | None) -> str:
     return "< 0.001" if p is not None and p < 0.001 else f"= {pval(p)}"
 
 
-def _ps(block: dict | None) -> str:
-    return f"{pval(_get(block, 'paired_test', 'p'))} / {pval(_get(block, 'z_test', 'p'))}"
+def _p(c: dict | None, key: str) -> str:
+    return "-" if c is None else pval(_get(c, key, "paired_test", "p"))
 
 
 def summary(doc: dict) -> tuple[list[str], list[list[str]]]:
@@ -72,38 +73,38 @@ def summary(doc: dict) -> tuple[list[str], list[list[str]]]:
     arms = doc["arms"]
     has = {k: any(_get(a, "metrics", k, "n") for a in arms.values())
            for k in ("text_only_agreement_gray", "text_only_agreement_noimage")}
-    header = ["arm", "n", "flip rate [95% CI]", "accuracy [95% CI]", "margin diff [95% CI]"]
+    header = ["arm", "questions / wordings", "flip vs original [95% CI]",
+              "flip all pairs [95% CI]", "accuracy [95% CI]", "margin diff [95% CI]"]
     if has["text_only_agreement_gray"] or not has["text_only_agreement_noimage"]:
         header.append("text-only (gray)")
     if has["text_only_agreement_noimage"]:
         header.append("text-only (no image)")
-    header += ["p flip paired / z", "p acc paired / z"]
+    header += ["p flip vs original", "p flip all pairs", "p accuracy"]
     rows = []
     for name, arm in arms.items():
         m, c = arm["metrics"], doc["comparisons"].get(name)
-        row = [name, str(m["n_variants"]), pct(m["pairwise_flip_rate"]), pct(m["accuracy"]),
-               num(m["margin_diff"])]
+        row = [name, f"{m['n_groups']} / {m['n_variants']}", pct(m["original_flip_rate"]),
+               pct(m["pairwise_flip_rate"]), pct(m["accuracy"]), num(m["margin_diff"])]
         if "text-only (gray)" in header:
             row.append(pct(m["text_only_agreement_gray"]))
         if has["text_only_agreement_noimage"]:
             row.append(pct(m["text_only_agreement_noimage"]))
-        if c is None:
-            row += ["-", "-"]
-        else:
-            row += [_ps(c["pairwise_flip_rate"]), _ps(c["accuracy"])]
+        row += [_p(c, "original_flip_rate"), _p(c, "pairwise_flip_rate"), _p(c, "accuracy")]
         rows.append(row)
     return header, rows
 
 
 def rich_table(doc: dict):
+    from rich.markup import escape
     from rich.table import Table
 
     header, rows = summary(doc)
-    table = Table(title=f"{doc['model']}: base vs adapters", caption=NOTE, caption_justify="left")
+    table = Table(title=escape(f"{doc['model']}: base vs adapters"), caption=NOTE,
+                  caption_justify="left")
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))  # "[n/a]" and arm names are text, not rich markup
     return table
 
 
@@ -117,15 +118,34 @@ def render_table(doc: dict, width: int = 240) -> str:
 
 # ---- figures ----------------------------------------------------------------------------------
 
-BAR_METRICS = (("pairwise_flip_rate", "flip rate (pairs)"),
-               ("question_flip_rate", "flip rate (questions)"), ("accuracy", "accuracy"),
+BAR_METRICS = (("original_flip_rate", "flip vs original"),
+               ("pairwise_flip_rate", "flip (all pairs)"),
+               ("question_flip_rate", "flip (questions)"), ("accuracy", "accuracy"),
                ("text_only_agreement_gray", "text-only agr. (gray)"),
                ("text_only_agreement_noimage", "text-only agr. (no image)"),
                ("swap_sensitivity", "swap sensitivity"))
 
 
+def _defined(value: float | None, ci: list | None) -> bool:
+    return value is not None and ci is not None and None not in ci[:2]
+
+
+def _bars_with_intervals(values: list, cis: list) -> dict:
+    """Bar arguments: error bars from [lo, hi] intervals, and 'no CI' written on a bar whose
+    interval is undefined. Caps are off: plotly draws a cap even for a missing interval,
+    which would read as a zero-width one."""
+    ok = [_defined(v, ci) for v, ci in zip(values, cis, strict=True)]
+    return dict(
+        error_y=dict(type="data", symmetric=False, width=0, thickness=2,
+                     array=[ci[1] - v if d else 0 for v, ci, d in zip(values, cis, ok)],
+                     arrayminus=[v - ci[0] if d else 0 for v, ci, d in zip(values, cis, ok)]),
+        text=["" if d or v is None else "no CI" for v, d in zip(values, ok)],
+        textposition="outside")
+
+
 def rate_bars(doc: dict):
-    """Grouped bars of every rate per arm, with Wilson 95% intervals as error bars."""
+    """Grouped bars of every rate per arm with 95% intervals (cluster bootstrap over
+    questions; Wilson for the question-level flip rate)."""
     import plotly.graph_objects as go
 
     arms = doc["arms"]
@@ -135,12 +155,8 @@ def rate_bars(doc: dict):
     for name, arm in arms.items():
         blocks = [arm["metrics"][k] for k, _ in shown]
         y = [b["value"] for b in blocks]
-        lo = [(v - b["ci_wilson"][0]) if v is not None and b["ci_wilson"][0] is not None else 0
-              for v, b in zip(y, blocks, strict=True)]
-        hi = [(b["ci_wilson"][1] - v) if v is not None and b["ci_wilson"][1] is not None else 0
-              for v, b in zip(y, blocks, strict=True)]
         fig.add_bar(name=html.escape(name), x=[label for _, label in shown], y=y,
-                    error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo))
+                    **_bars_with_intervals(y, [b.get("ci") for b in blocks]))
     fig.update_layout(barmode="group", yaxis=dict(title="rate", range=[0, 1.05], tickformat=".0%"),
                       height=420, margin=dict(t=30))
     return fig
@@ -152,11 +168,8 @@ def margin_bars(doc: dict):
     fig = go.Figure()
     for name, arm in doc["arms"].items():
         b = arm["metrics"]["margin_diff"]
-        v, (lo, hi) = b["value"], b["ci_bootstrap"]
-        fig.add_bar(name=html.escape(name), x=[html.escape(name)], y=[v], showlegend=False,
-                    error_y=dict(type="data", symmetric=False,
-                                 array=[hi - v if None not in (v, hi) else 0],
-                                 arrayminus=[v - lo if None not in (v, lo) else 0]))
+        fig.add_bar(name=html.escape(name), x=[html.escape(name)], y=[b["value"]],
+                    showlegend=False, **_bars_with_intervals([b["value"]], [b.get("ci")]))
     fig.update_layout(yaxis_title="mean |margin difference| over pairs", height=320,
                       margin=dict(t=30))
     return fig
@@ -217,20 +230,18 @@ def quadrant_bars(doc: dict):
 
 def comparison_rows(c: dict) -> list[list[object]]:
     rows = []
-    for key, label in (("pairwise_flip_rate", "flip rate (pairs)"),
-                       ("question_flip_rate", "flip rate (questions)"),
+    for key, label in (("original_flip_rate", "flip vs original"),
+                       ("pairwise_flip_rate", "flip (all pairs)"),
+                       ("question_flip_rate", "flip (questions)"),
                        ("accuracy", "accuracy"), ("margin_diff", "margin diff"),
                        ("text_only_agreement_gray", "text-only agr. (gray)"),
                        ("text_only_agreement_noimage", "text-only agr. (no image)")):
         b = c.get(key)
         if b is None:
             continue
-        lo, hi = b["diff_ci_bootstrap"]
-        ci = NA if lo is None else f"[{lo:.3g}, {hi:.3g}]"
         test = b["paired_test"]
-        rows.append([label, b["n"], b["base"], b["adapter"], b["diff"], ci,
-                     f"{test['test']}: p {_relation(test['p'])}",
-                     pval(_get(b, "z_test", "p")) if "z_test" in b else "-"])
+        rows.append([label, b["n"], b["n_questions"], b["base"], b["adapter"], b["diff"],
+                     _interval(b["diff_ci"]), f"{test['test']}: p {_relation(test['p'])}"])
     return rows
 
 
@@ -244,9 +255,9 @@ def breakdown_rows(doc: dict, key: str) -> list[list[object]]:
             if m is None:
                 continue
             if key == "by_type":
-                rows.append([level, name, m["n_groups"], pct(m["pairwise_flip_rate"]),
-                             pct(m["question_flip_rate"]), pct(m["accuracy"]),
-                             num(m["margin_diff"])])
+                rows.append([level, name, m["n_groups"], pct(m["original_flip_rate"]),
+                             pct(m["pairwise_flip_rate"]), pct(m["question_flip_rate"]),
+                             pct(m["accuracy"]), num(m["margin_diff"])])
             else:
                 rows.append([level, name, m["n_pairs"], pct(m["flip_rate"]), pct(m["accuracy"]),
                              num(m["margin_diff"])])
@@ -268,12 +279,21 @@ def write_report(path: str | Path, doc: dict, records: Sequence[dict], *,
     page.heading("Base vs adapters")
     header, rows = summary(doc)
     page.table(header, rows).text(NOTE, note=True)
-    page.heading("Rates with 95% Wilson intervals").figure(rate_bars(doc))
-    page.heading("Margin difference (bootstrap 95% interval)").figure(margin_bars(doc))
+    page.heading("Rates with 95% intervals").figure(rate_bars(doc))
+    page.text("Intervals: cluster bootstrap over questions, since the wordings and pairs of one "
+              "question are not independent; the question-level flip rate (one item per "
+              "question) has a Wilson interval. 'no CI': fewer than 5 questions, too few for "
+              "an interval.",
+              note=True)
+    page.heading("Margin difference (95% cluster-bootstrap interval)").figure(margin_bars(doc))
     for name, c in doc["comparisons"].items():
-        page.heading(f"{name} vs base (diff = adapter - base, paired bootstrap interval)")
-        page.table(["metric", "n", "base", "adapter", "diff", "diff 95% CI", "paired test",
-                    "p z-test"], comparison_rows(c))
+        page.heading(f"{name} vs base (diff = adapter - base)")
+        page.table(["metric", "items", "questions", "base", "adapter", "diff",
+                    "diff 95% CI (paired, over questions)", "paired test"], comparison_rows(c))
+    if doc["comparisons"]:
+        page.text("Tests over wordings or pairs that assume they are independent (pooled "
+                  "z-test, McNemar over wordings) are in eval.json under 'unclustered', for "
+                  "comparison with published numbers only.", note=True)
 
     page.heading("Margins of paired wordings")
     page.text("Each point is a pair of wordings of one question: the margin (logit of the "
@@ -290,18 +310,21 @@ def write_report(path: str | Path, doc: dict, records: Sequence[dict], *,
                   note=True)
         page.figure(quadrant_bars(doc))
 
-    page.heading("Flip detection from one pass: AUROC of -|margin|")
+    page.heading("Flip detection from one pass: AUROC of the original's confidence gap")
+    page.text("Per question, score = -(logit of the original wording's predicted choice minus "
+              "the best other choice): does an unsure original answer predict that some "
+              "paraphrase flips it? 0.5 = no signal.", note=True)
     page.table(["arm", "AUROC", "95% CI", "flipping questions", "stable questions"],
-               [[n, _fmt(a["metrics"]["flip_auroc_margin"]["value"]),
-                 _interval(a["metrics"]["flip_auroc_margin"]["ci_bootstrap"]),
-                 a["metrics"]["flip_auroc_margin"]["n_pos"],
-                 a["metrics"]["flip_auroc_margin"]["n_neg"]] for n, a in doc["arms"].items()])
+               [[n, _fmt(a["metrics"]["flip_auroc"]["value"]),
+                 _interval(a["metrics"]["flip_auroc"]["ci"]),
+                 a["metrics"]["flip_auroc"]["n_pos"],
+                 a["metrics"]["flip_auroc"]["n_neg"]] for n, a in doc["arms"].items()])
 
     by_type = breakdown_rows(doc, "by_type")
     if by_type:
         page.heading("By question type")
-        page.table(["type", "arm", "questions", "flip (pairs)", "flip (questions)", "accuracy",
-                    "margin diff"], by_type)
+        page.table(["type", "arm", "questions", "flip vs original", "flip (all pairs)",
+                    "flip (questions)", "accuracy", "margin diff"], by_type)
     by_ph = breakdown_rows(doc, "by_phenomenon")
     if by_ph:
         page.heading("By paraphrase phenomenon (pairs original - paraphrase)")
