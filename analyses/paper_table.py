@@ -71,7 +71,7 @@ def paired(a: list[dict], b: list[dict]) -> dict:
     return {"flip_diff": c["pairwise_flip_rate"]["diff"],
             "flip_p": c["pairwise_flip_rate"]["paired_test"]["p"],
             "acc_diff": c["accuracy"]["diff"],
-            "acc_p": c["accuracy"]["clustered_paired_test"]["p"],
+            "acc_p": c["accuracy"]["paired_test"]["p"],
             "margin_diff": c["margin_diff"]["diff"],
             "margin_p": c["margin_diff"]["paired_test"]["p"]}
 
