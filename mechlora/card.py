@@ -77,7 +77,7 @@ def epochs_text(cfg: dict, training: dict) -> str:
     done = training.get("epochs", cfg["epochs"])
     text = f"{done:g}" if done == cfg["epochs"] else f"{done:.3g} of {cfg['epochs']}"
     if done < cfg["epochs"] and cfg.get("max_steps"):
-        text += f" (stopped by --max-steps {cfg['max_steps']})"
+        text += f", stopped by --max-steps {cfg['max_steps']}"
     return text
 
 

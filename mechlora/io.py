@@ -27,8 +27,9 @@ def prepare_out_dir(path: str | os.PathLike, overwrite: bool = False, *, resume:
     out = check_out_dir(path, overwrite, resume=resume, inputs=inputs)
     if overwrite and not resume and _has_content(out):
         shutil.rmtree(out)  # check_out_dir found the marker: mechlora made this folder
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).touch()
+    if not _has_content(out):  # new or empty: mechlora's from now on (never a resumed foreign one)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).touch()
     return out
 
 

@@ -104,8 +104,7 @@ def train(model: Subject | str, pairs: str | Path | Sequence[QuestionGroup], *,
     choice = resolve_layers(subject, groups, layers, cfg, from_localization, out_dir, resume,
                             acc, progress)
     lora_plan = lora_plan_of(subject.base, choice.spec, subject.layers_path, cfg.modules, cfg.r)
-    cfg, memory = _fit_memory(subject, batcher, groups, choice, cfg, lora_plan.trainable, acc,
-                              progress)
+    cfg, memory = _fit_memory(subject, batcher, groups, choice, cfg, lora_plan.trainable, acc)
     peft_model = add_lora(subject, choice.spec, cfg, acc.process_index)
     trained = dataclasses.replace(subject, model=peft_model)
     params = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -157,9 +156,13 @@ def train_arm(model: Subject | str, pairs, out: str | Path, *, layers: str | Lay
 
 
 def _same_arm(record: dict, model, layers) -> bool:
+    """The finished record is of this model and these layers ("auto": whatever it chose)."""
     name = model.name if isinstance(model, Subject) else str(model)
-    spec = str(layers) if isinstance(layers, LayerSpec) else None
-    return record["base_model"] == name and (spec is None or record["layers"]["spec"] == spec)
+    if isinstance(layers, str) and layers.strip().lower() == "auto":
+        return record["base_model"] == name
+    spec = layers if isinstance(layers, LayerSpec) else \
+        LayerSpec.parse(str(layers), record["layers"]["n_layers"])
+    return record["base_model"] == name and record["layers"]["list"] == list(spec.layers)
 
 
 def _prepare(out, overwrite: bool, resume: bool, reads, acc) -> Path | None:
@@ -181,12 +184,20 @@ def _concrete(where: torch.device) -> torch.device:
     return where
 
 
+def device_budget(device: torch.device) -> int | None:
+    """Bytes a run may plan to use: 90% of what the GPU has for it (None off a GPU)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(FRACTION * (free + torch.cuda.memory_allocated(device)))
+
+
 def _fit_memory(subject: Subject, batcher: Batcher, groups, choice: LayerChoice,
-                cfg: TrainConfig, trainable: int, acc, progress: bool
-                ) -> tuple[TrainConfig, dict | None]:
+                cfg: TrainConfig, trainable: int, acc) -> tuple[TrainConfig, dict | None]:
     """On a GPU: estimate the peak; turn gradient checkpointing on when it would not fit."""
     device = subject.device
-    if device.type != "cuda":
+    budget = device_budget(device)
+    if budget is None:
         return cfg, None
     seq_len = max(batcher.length(g, v) for g in groups for v in range(len(g.variants)))
     mine = -(-cfg.pairs_per_step // acc.num_processes)
@@ -198,8 +209,6 @@ def _fit_memory(subject: Subject, batcher: Batcher, groups, choice: LayerChoice,
                        seq_len=seq_len, checkpointing=checkpointing,
                        weight_bytes=weight_bytes).total
 
-    free, _ = torch.cuda.mem_get_info(device)
-    budget = FRACTION * (free + torch.cuda.memory_allocated(device))
     auto = not cfg.gradient_checkpointing and peak(False) > budget
     memory = {"estimate_gib": round(peak(cfg.gradient_checkpointing) / GIB, 2),
               "with_checkpointing_gib": round(peak(True) / GIB, 2),
@@ -208,7 +217,7 @@ def _fit_memory(subject: Subject, batcher: Batcher, groups, choice: LayerChoice,
     if auto:
         if acc.is_main_process:
             print(f"memory: estimated peak {peak(False) / GIB:.1f} GiB exceeds "
-                  f"{budget / GIB:.1f} GiB (90% of what {device} has); gradient checkpointing "
-                  f"on ({peak(True) / GIB:.1f} GiB)", file=sys.stderr)
+                  f"{budget / GIB:.1f} GiB (90% of what {device} has), so gradient "
+                  f"checkpointing is on ({peak(True) / GIB:.1f} GiB)", file=sys.stderr)
         cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
     return cfg, memory

@@ -21,7 +21,8 @@
   m is the dropout mask: 1 byte on a GPU (bool), 4 on CPU (an fp32 noise tensor), 0 without
   dropout. One more adapted layer's worth is added for the gradients in flight while a layer
   is back-propagated, and 4 (h + 1) per token for the final norm. With gradient checkpointing
-  a layer keeps only its input (a h per token) and one layer is recomputed at a time.
+  every layer keeps only its input (a h per token; those below the LoRA too) and one layer is
+  recomputed at a time.
 - workspace: a fixed 0.5 GiB for kernels' scratch space and allocator rounding.
 
 The activation terms equal, to within 1%, the bytes autograd actually saves on a small Gemma 3
@@ -88,7 +89,7 @@ def activation_bytes(s: Shape, layers: Sequence[int], n_layers: int, modules: Se
     adapted = s.adapted(seq_len, act, modules, r, mask)
     reached = n_layers - min(layers)  # the backward runs from the top down to the lowest LoRA
     if checkpointing:
-        per_token = reached * act * s.hidden + 2 * adapted
+        per_token = n_layers * act * s.hidden + 2 * adapted
     else:
         per_token = (len(layers) * adapted + (reached - len(layers)) * s.frozen(seq_len, act)
                      + adapted)
