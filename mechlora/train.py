@@ -20,7 +20,6 @@ The pipeline, one module of `mechlora.training` per job:
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +39,11 @@ from mechlora.training.config import RESUMABLE, SCHEDULES, TrainConfig
 from mechlora.training.inputs import data_info, read_groups, read_paths
 from mechlora.training.layers import LayerChoice, resolve_layers
 from mechlora.training.loop import train_loop
-from mechlora.training.memory import FRACTION, GIB, for_run
+from mechlora.training.memory import fit_memory
 from mechlora.training.model import (
     accelerator,
     add_lora,
+    concrete,
     load_subject,
     optimizer,
     pick_device,
@@ -97,14 +97,15 @@ def train(model: Subject | str, pairs: str | Path | Sequence[QuestionGroup], *,
     reads = read_paths(model, [pairs, eval_pairs], [*groups, *(eval_groups or [])],
                        from_localization)
     out_dir = _prepare(out, overwrite, resume, reads, acc)
-    subject = load_subject(model, dtype, _concrete(where), trust_remote_code)
+    subject = load_subject(model, dtype, concrete(where), trust_remote_code)
     batcher = Batcher(subject)
     for g in [*groups, *(eval_groups or [])]:
         batcher.choice_ids(g)  # a bad choice list fails now, not after an hour of training
     choice = resolve_layers(subject, groups, layers, cfg, from_localization, out_dir, resume,
                             acc, progress)
     lora_plan = lora_plan_of(subject.base, choice.spec, subject.layers_path, cfg.modules, cfg.r)
-    cfg, memory = _fit_memory(subject, batcher, groups, choice, cfg, lora_plan.trainable, acc)
+    cfg, memory = fit_memory(subject, batcher, groups, choice.spec, cfg, lora_plan.trainable,
+                             acc)
     peft_model = add_lora(subject, choice.spec, cfg, acc.process_index)
     trained = dataclasses.replace(subject, model=peft_model)
     params = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -144,10 +145,10 @@ def train_arm(model: Subject | str, pairs, out: str | Path, *, layers: str | Lay
     cfg = (config or TrainConfig()).validate()
     done = finished(out)
     if done is not None:
-        if done["config"] == cfg.to_dict() and _same_arm(done, model, layers):
+        if _same_arm(done, model, pairs, layers, cfg):
             return done
-        raise MechloraError(f"{out} holds a finished run with other settings; choose another "
-                            "folder for this arm, or delete that one")
+        raise MechloraError(f"{out} holds a finished run of another model, data, layers or "
+                            "settings; choose another folder for this arm, or delete that one")
     result = train(model, pairs, layers=layers, out=out, config=cfg, eval_pairs=eval_pairs,
                    from_localization=from_localization, resume=True, progress=progress, **kw)
     if isinstance(model, Subject):
@@ -155,14 +156,20 @@ def train_arm(model: Subject | str, pairs, out: str | Path, *, layers: str | Lay
     return result.record
 
 
-def _same_arm(record: dict, model, layers) -> bool:
-    """The finished record is of this model and these layers ("auto": whatever it chose)."""
+def _same_arm(record: dict, model, pairs, layers, cfg: TrainConfig) -> bool:
+    """A finished record is this arm: same model, data, layers ("auto": whatever it chose) and
+    settings (those a resume may change aside)."""
     name = model.name if isinstance(model, Subject) else str(model)
-    if isinstance(layers, str) and layers.strip().lower() == "auto":
-        return record["base_model"] == name
+    fixed = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
+    same = (record["base_model"] == name
+            and record["data"]["train"]["sha256"] == data_info(pairs, read_groups(
+                pairs, "training"))["sha256"]
+            and {k: record["config"].get(k) for k in fixed} == fixed)
+    if not isinstance(layers, LayerSpec) and str(layers).strip().lower() == "auto":
+        return same
     spec = layers if isinstance(layers, LayerSpec) else \
         LayerSpec.parse(str(layers), record["layers"]["n_layers"])
-    return record["base_model"] == name and record["layers"]["list"] == list(spec.layers)
+    return same and record["layers"]["list"] == list(spec.layers)
 
 
 def _prepare(out, overwrite: bool, resume: bool, reads, acc) -> Path | None:
@@ -175,49 +182,3 @@ def _prepare(out, overwrite: bool, resume: bool, reads, acc) -> Path | None:
         check_out_dir(out, overwrite, resume=True, inputs=reads)
     acc.wait_for_everyone()
     return out
-
-
-def _concrete(where: torch.device) -> torch.device:
-    """cuda -> cuda:N, the GPU accelerate made current for this process."""
-    if where.type == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return where
-
-
-def device_budget(device: torch.device) -> int | None:
-    """Bytes a run may plan to use: 90% of what the GPU has for it (None off a GPU)."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(FRACTION * (free + torch.cuda.memory_allocated(device)))
-
-
-def _fit_memory(subject: Subject, batcher: Batcher, groups, choice: LayerChoice,
-                cfg: TrainConfig, trainable: int, acc) -> tuple[TrainConfig, dict | None]:
-    """On a GPU: estimate the peak; turn gradient checkpointing on when it would not fit."""
-    device = subject.device
-    budget = device_budget(device)
-    if budget is None:
-        return cfg, None
-    seq_len = max(batcher.length(g, v) for g in groups for v in range(len(g.variants)))
-    mine = -(-cfg.pairs_per_step // acc.num_processes)
-    pairs = min(cfg.micro_batch or mine, mine)
-    weight_bytes = next(subject.model.parameters()).element_size()
-
-    def peak(checkpointing: bool) -> int:
-        return for_run(subject, choice.spec.layers, cfg, trainable, pairs_per_forward=pairs,
-                       seq_len=seq_len, checkpointing=checkpointing,
-                       weight_bytes=weight_bytes).total
-
-    auto = not cfg.gradient_checkpointing and peak(False) > budget
-    memory = {"estimate_gib": round(peak(cfg.gradient_checkpointing) / GIB, 2),
-              "with_checkpointing_gib": round(peak(True) / GIB, 2),
-              "budget_gib": round(budget / GIB, 2), "pairs_per_forward": pairs,
-              "seq_len": seq_len, "auto_checkpointing": auto}
-    if auto:
-        if acc.is_main_process:
-            print(f"memory: estimated peak {peak(False) / GIB:.1f} GiB exceeds "
-                  f"{budget / GIB:.1f} GiB (90% of what {device} has), so gradient "
-                  f"checkpointing is on ({peak(True) / GIB:.1f} GiB)", file=sys.stderr)
-        cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
-    return cfg, memory

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
 
 import pytest
 import torch
@@ -22,7 +21,6 @@ from mechlora.training import memory
 from mechlora.training.model import accelerator, add_lora, pick_device
 from tests.test_train import FAST, cli, tiny
 
-T = importlib.import_module("mechlora.train")
 GIB = 2**30
 
 
@@ -125,12 +123,12 @@ def test_dry_run_prints_the_memory_table(capsys) -> None:
 def test_checkpointing_turns_on_when_the_estimate_does_not_fit(monkeypatch) -> None:
     groups = load_groups(EXAMPLE_PATH)
     cfg = TrainConfig(**{**FAST.to_dict(), "max_steps": 1})
-    monkeypatch.setattr(T, "device_budget", lambda device: 1 << 40)  # 1 TiB: fits
+    monkeypatch.setattr(memory, "device_budget", lambda device: 1 << 40)  # 1 TiB: fits
     roomy = train(tiny(), groups, layers="2-3", config=cfg, progress=False)
     assert roomy.record["training"]["memory"]["auto_checkpointing"] is False
     assert not roomy.record["config"]["gradient_checkpointing"]
 
-    monkeypatch.setattr(T, "device_budget", lambda device: 1 << 20)  # 1 MiB: it cannot fit
+    monkeypatch.setattr(memory, "device_budget", lambda device: 1 << 20)  # 1 MiB: it cannot fit
     tight = train(tiny(), groups, layers="2-3", config=cfg, progress=False)
     m = tight.record["training"]["memory"]
     assert m["auto_checkpointing"] is True and m["with_checkpointing_gib"] < m["estimate_gib"]

@@ -143,9 +143,15 @@ def test_out_of_memory_halves_the_micro_batch_and_retries(tmp_path, monkeypatch)
 
     monkeypatch.setattr(S, "pair_terms", lambda *a: (_ for _ in ()).throw(
         torch.OutOfMemoryError("CUDA out of memory (simulated)")))
-    with pytest.raises(MechloraError, match=r"even at 1 pair per forward.*--resume.*"
-                                            r"--gradient-checkpointing"):
-        train(tiny(), GROUPS, layers="2-3", config=cfg, progress=False)
+    with pytest.raises(MechloraError, match=r"even at 1 pair per forward\. Resume with the same "
+                                            r"command plus --resume and less memory: "
+                                            r"--gradient-checkpointing, or"):
+        train(tiny(), GROUPS, layers="2-3", config=cfg, out=tmp_path / "tight", progress=False)
+    monkeypatch.setattr(S, "pair_terms", terms)  # as advised: resume with checkpointing on
+    resumed = train(tiny(), GROUPS, layers="2-3", out=tmp_path / "tight", progress=False,
+                    resume=True, config=dataclasses.replace(cfg, gradient_checkpointing=True))
+    assert resumed.record["training"]["resumptions"] == [
+        {"step": 0, "changed": {"gradient_checkpointing": {"then": False, "now": True}}}]
 
 
 def test_a_crash_while_writing_the_adapter_leaves_no_half_adapter(tmp_path,
@@ -221,5 +227,11 @@ def test_train_arm_reuses_resumes_and_hands_the_model_back(tmp_path, monkeypatch
 
     monkeypatch.setattr(S, "optimizer_step", None)  # a finished arm does not train again
     assert train_arm(subject, GROUPS, tmp_path / "arm", layers="2-3", config=cfg) == record
-    with pytest.raises(MechloraError, match="finished run with other settings"):
-        train_arm(subject, GROUPS, tmp_path / "arm", layers="1-3", config=cfg)
+    # a resume-safe change (checkpoint spacing) still finds the arm; a real change does not
+    assert train_arm(subject, GROUPS, tmp_path / "arm", layers="2-3",
+                     config=dataclasses.replace(cfg, save_every=0)) == record
+    for other in ({"layers": "1-3"}, {"config": dataclasses.replace(cfg, kl_weight=2.0)},
+                  {"pairs": GROUPS[:4]}):
+        args = {"pairs": GROUPS, "layers": "2-3", "config": cfg, **other}
+        with pytest.raises(MechloraError, match="finished run of another model, data, layers"):
+            train_arm(subject, args.pop("pairs"), tmp_path / "arm", **args)

@@ -117,11 +117,13 @@ def _non_finite(run: Run, step: int, stats: dict, pairs: Sequence[Pair], skipped
     done = f" after skipping {skipped} such updates" if skipped else ""
     resume = ("resume with the same command plus --resume and" if run.out is not None
               else "run again with")
+    fp32 = (", or --dtype float32 --no-bf16 to compute in float32"
+            if run.subject.device.type == "cuda" else "")
     return (f"step {step}: the loss is not finite (loss {stats['loss']}, gradient norm "
             f"{stats['grad_norm']}; pairs {', '.join(p.id for p in pairs[:4])}...){done}, so "
             f"training stopped before updating the weights; {kept}. To go on, {resume} a lower "
             f"--lr (now {run.cfg.lr:g}), or --skip-nonfinite {max(1, 2 * skipped)} to step over "
-            "such updates (each is logged), or --no-bf16 to compute in float32")
+            f"such updates (each is logged){fp32}")
 
 
 def _log(run: Run, row: dict) -> dict:

@@ -26,14 +26,19 @@
 - workspace: a fixed 0.5 GiB for kernels' scratch space and allocator rounding.
 
 The activation terms equal, to within 1%, the bytes autograd actually saves on a small Gemma 3
-(tests/test_memory.py); docs/train.md compares the total with the H200 anchors.
+(tests/test_memory.py); docs/train.md compares the total with the H200 anchors. `fit_memory`
+turns gradient checkpointing on when a GPU run's estimate exceeds 90% of the GPU's memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 GIB = 2**30
@@ -144,3 +149,44 @@ def for_run(subject, layers: Sequence[int], cfg, trainable: int, *, pairs_per_fo
                     rows=2 * pairs_per_forward, seq_len=seq_len, checkpointing=checkpointing,
                     weight_bytes=weight_bytes, autocast=cfg.bf16 and device == "cuda",
                     dropout=cfg.dropout > 0, device=device)
+
+
+def device_budget(device: torch.device) -> int | None:
+    """Bytes a run may plan to use: 90% of what the GPU has for it (None off a GPU)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(FRACTION * (free + torch.cuda.memory_allocated(device)))
+
+
+def fit_memory(subject, batcher, groups, spec, cfg, trainable: int, acc
+               ) -> tuple[Any, dict | None]:
+    """On a GPU, the run's estimated peak (its longest prompt, its pairs per forward) and, when
+    it exceeds `device_budget`, the config with gradient checkpointing on; (cfg, None) off a
+    GPU. Returns the config to train with and the `training.memory` record."""
+    device = subject.device
+    budget = device_budget(device)
+    if budget is None:
+        return cfg, None
+    seq_len = max(batcher.length(g, v) for g in groups for v in range(len(g.variants)))
+    mine = -(-cfg.pairs_per_step // acc.num_processes)
+    pairs = min(cfg.micro_batch or mine, mine)
+    weight_bytes = next(subject.model.parameters()).element_size()
+
+    def peak(checkpointing: bool) -> int:
+        return for_run(subject, spec.layers, cfg, trainable, pairs_per_forward=pairs,
+                       seq_len=seq_len, checkpointing=checkpointing,
+                       weight_bytes=weight_bytes).total
+
+    auto = not cfg.gradient_checkpointing and peak(False) > budget
+    memory = {"estimate_gib": round(peak(cfg.gradient_checkpointing) / GIB, 2),
+              "with_checkpointing_gib": round(peak(True) / GIB, 2),
+              "budget_gib": round(budget / GIB, 2), "pairs_per_forward": pairs,
+              "seq_len": seq_len, "auto_checkpointing": auto}
+    if auto:
+        if acc.is_main_process:
+            print(f"memory: estimated peak {peak(False) / GIB:.1f} GiB exceeds "
+                  f"{budget / GIB:.1f} GiB (90% of what {device} has), so gradient "
+                  f"checkpointing is on ({peak(True) / GIB:.1f} GiB)", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
+    return cfg, memory

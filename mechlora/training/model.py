@@ -53,12 +53,11 @@ def accelerator(cfg: TrainConfig, where: torch.device):
     return Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.bf16 and not cpu else "no")
 
 
-def run_device(acc, where: torch.device) -> torch.device:
-    """The concrete device of this process (cuda:N, never the ambiguous "cuda")."""
-    if where.type != "cuda":
-        return where
-    return torch.device("cuda", torch.cuda.current_device() if acc.num_processes == 1
-                        else acc.device.index)
+def concrete(where: torch.device) -> torch.device:
+    """cuda -> cuda:N, the GPU accelerate made current for this process."""
+    if where.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return where
 
 
 def load_subject(model: Subject | str, dtype, device: torch.device,

@@ -126,9 +126,11 @@ def _set_rng_state(state: dict) -> None:
 def _oom_advice(run: Run, size: int) -> str:
     where = (f"with {run.acc.num_processes} processes (they would all have to shrink together)"
              if run.acc.num_processes > 1 else f"even at {size} pair per forward")
-    smaller = max(1, size // 2)
-    return (f"out of memory {where}. Resume with the same command plus --resume and less "
-            f"memory: --micro-batch {smaller}"
-            + ("" if run.cfg.gradient_checkpointing else ", --gradient-checkpointing")
-            + ", or a GPU with more memory (--device cuda:N); mechlora train --dry-run prints "
+    less = ([f"--micro-batch {size // 2}"] if size > 1 else []) + \
+        ([] if run.cfg.gradient_checkpointing else ["--gradient-checkpointing"])
+    again = ("Resume with the same command plus --resume and" if run.out is not None
+             else "Run again with")
+    return (f"out of memory {where}. {again} "
+            + (f"less memory: {', '.join(less)}, or " if less else "")
+            + "a GPU with more free memory (--device cuda:N); mechlora train --dry-run prints "
             "the estimated peak memory of each setting")
