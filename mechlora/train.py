@@ -28,7 +28,7 @@ import torch
 
 from mechlora.batching import Batcher, epoch_pairs, first_token_logits
 from mechlora.card import run_record
-from mechlora.data import QuestionGroup
+from mechlora.data import QuestionGroup, data_hash
 from mechlora.errors import MechloraError
 from mechlora.io import check_out_dir, prepare_out_dir
 from mechlora.models.subject import Subject
@@ -152,7 +152,8 @@ def train_arm(model: Subject | str, pairs, out: str | Path, *, layers: str | Lay
     result = train(model, pairs, layers=layers, out=out, config=cfg, eval_pairs=eval_pairs,
                    from_localization=from_localization, resume=True, progress=progress, **kw)
     if isinstance(model, Subject):
-        remove_lora(result.subject.model, cfg.gradient_checkpointing)
+        # (on a GPU checkpointing may have been turned on for memory: the record says)
+        remove_lora(result.subject.model, result.record["config"]["gradient_checkpointing"])
     return result.record
 
 
@@ -162,8 +163,7 @@ def _same_arm(record: dict, model, pairs, layers, cfg: TrainConfig) -> bool:
     name = model.name if isinstance(model, Subject) else str(model)
     fixed = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
     same = (record["base_model"] == name
-            and record["data"]["train"]["sha256"] == data_info(pairs, read_groups(
-                pairs, "training"))["sha256"]
+            and record["data"]["train"]["sha256"] == data_hash(read_groups(pairs, "training"))
             and {k: record["config"].get(k) for k in fixed} == fixed)
     if not isinstance(layers, LayerSpec) and str(layers).strip().lower() == "auto":
         return same

@@ -235,3 +235,16 @@ def test_train_arm_reuses_resumes_and_hands_the_model_back(tmp_path, monkeypatch
         args = {"pairs": GROUPS, "layers": "2-3", "config": cfg, **other}
         with pytest.raises(MechloraError, match="finished run of another model, data, layers"):
             train_arm(subject, args.pop("pairs"), tmp_path / "arm", **args)
+
+
+def test_resume_may_change_device_and_dtype_and_records_it(tmp_path) -> None:
+    cfg = TrainConfig(**{**FAST.to_dict(), "max_steps": 2, "save_every": 1})
+    kw = {"layers": "31-33", "out": tmp_path / "run", "config": cfg, "progress": False,
+          "device": "cpu"}
+    train("tiny-gemma3-vlm", GROUPS, dtype="float32", **kw)
+    again = train("tiny-gemma3-vlm", GROUPS, dtype="bfloat16", resume=True, **kw)
+    assert again.record["training"]["resumptions"] == [
+        {"step": 2, "changed": {"dtype": {"then": "torch.float32", "now": "torch.bfloat16"}}}]
+    with pytest.raises(MechloraError, match=r"seed: 0 then, 1 now.*only save_every"):
+        train("tiny-gemma3-vlm", GROUPS, resume=True,
+              **{**kw, "config": dataclasses.replace(cfg, seed=1)})
