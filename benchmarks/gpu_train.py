@@ -34,6 +34,7 @@ from mechlora.models import wrap
 from mechlora.models.presets import medgemma_4b_config, tiny_gemma3_vlm
 from mechlora.models.tokenizer import build_processor, build_tokenizer
 from mechlora.train import TrainConfig, train
+from mechlora.training.model import remove_lora
 
 WORDINGS = ("Is there a pleural effusion on this film?", "Is fluid seen in the pleural space?",
             "Can a pleural effusion be identified?", "Any fluid around the lung on this image?")
@@ -99,18 +100,19 @@ def measure(subject, groups, layers: str, mode: str, steps: int, warmup: int) ->
     total = time.perf_counter() - t0
     rows = [r for r in result.metrics if r["kind"] == "train"]
     timed = rows[warmup:]
+    memory = result.record["training"]["memory"] or {}  # the trainer's estimate (GPU only)
     out = {
         "layers": layers, "mode": mode,
         "pairs_per_s": sum(r["pairs"] for r in timed) / sum(r["seconds"] for r in timed),
         "step_ms_median": 1000 * statistics.median(r["seconds"] for r in timed),
         "first_step_s": rows[0]["seconds"], "wall_s": total,
         "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "estimate_gb": memory.get("estimate_gib"), "seq_len": memory.get("seq_len"),
+        "checkpointing": result.record["config"]["gradient_checkpointing"],
         "final_loss": rows[-1]["loss"],
     }
-    base = result.subject.model.unload()  # the base without its LoRA layers, for the next run
-    if checkpointing:
-        (getattr(base, "activation_checkpointing_disable", None)
-         or base.gradient_checkpointing_disable)()
+    # the base without its LoRA layers (and checkpointing), for the next setting
+    remove_lora(result.subject.model, result.record["config"]["gradient_checkpointing"])
     return out
 
 
@@ -145,11 +147,13 @@ def main(argv: list[str] | None = None) -> None:
                 r = measure(subject, groups, layers, mode, args.steps, args.warmup)
                 results.append(r)
                 print(json.dumps(r), flush=True)
-    print("\n| layers | mode | pairs/s | step (8 pairs) | peak GB |\n|---|---|---|---|---|")
+    print("\n| layers | mode | pairs/s | step (8 pairs) | peak GiB | estimate GiB |\n"
+          "|---|---|---|---|---|---|")
     for r in results:
         peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
+        estimate = f"{r['estimate_gb']:.1f}" if r["estimate_gb"] is not None else "-"
         print(f"| {r['layers']} | {r['mode']} | {r['pairs_per_s']:.2f} | "
-              f"{r['step_ms_median']:.0f} ms | {peak} |")
+              f"{r['step_ms_median']:.0f} ms | {peak} | {estimate} |")
     if args.json:
         args.json.write_text(json.dumps({"device": device, "torch": torch.__version__,
                                          "gpu": torch.cuda.get_device_name() if device == "cuda"

@@ -64,6 +64,10 @@ class Batcher:
                                   if k in enc}
         return self._prompts[key]
 
+    def length(self, group: QuestionGroup, variant: int) -> int:
+        """Tokens in the prompt of one wording (tokenized once, like every prompt here)."""
+        return len(self._prompt(group, variant)["input_ids"])
+
     def inputs(self, rows: Sequence[tuple[QuestionGroup, int]]) -> dict[str, Any]:
         prompts = [self._prompt(g, v) for g, v in rows]
         width = max(len(p["input_ids"]) for p in prompts)

@@ -27,10 +27,13 @@ def versions() -> dict[str, str]:
 
 
 def run_record(subject, cfg, choice, lora_plan, metrics: list[dict], *, steps: int,
-               world_size: int, data: dict) -> dict[str, Any]:
+               steps_per_epoch: int, world_size: int, data: dict,
+               resumptions: list[dict] | None = None, memory: dict | None = None
+               ) -> dict[str, Any]:
     """The JSON document written as mechlora.json (schema in docs/train.md)."""
     sel, loc = choice.selection, choice.localization
     train_rows = [m for m in metrics if m["kind"] == "train"]
+    applied = [m for m in train_rows if not m.get("skipped")]
     eval_rows = [m for m in metrics if m["kind"] == "eval"]
     return {
         "schema_version": 1,
@@ -54,12 +57,28 @@ def run_record(subject, cfg, choice, lora_plan, metrics: list[dict], *, steps: i
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "data": data,
-        "training": {"steps": steps, "world_size": world_size,
-                     "pairs_seen": sum(m["pairs"] for m in train_rows),
-                     "final": train_rows[-1] if train_rows else None,
-                     "eval": eval_rows[-1] if eval_rows else None},
+        "training": {"steps": steps, "epochs": round(steps / steps_per_epoch, 4),
+                     "world_size": world_size,
+                     "pairs_seen": sum(m["pairs"] for m in applied),
+                     "final": applied[-1] if applied else None,
+                     "eval": eval_rows[-1] if eval_rows else None,
+                     "skipped_steps": [m["step"] for m in train_rows if m.get("skipped")],
+                     "oom_retries": [{"step": m["step"], **m["micro_batch"]} for m in metrics
+                                     if m["kind"] == "oom"],
+                     "resumptions": resumptions or [],
+                     "warnings": [m["message"] for m in metrics if m["kind"] == "warning"],
+                     "memory": memory},
         "versions": versions(),
     }
+
+
+def epochs_text(cfg: dict, training: dict) -> str:
+    """Epochs run, and why fewer than asked when --max-steps cut the run short."""
+    done = training.get("epochs", cfg["epochs"])
+    text = f"{done:g}" if done == cfg["epochs"] else f"{done:.3g} of {cfg['epochs']}"
+    if done < cfg["epochs"] and cfg.get("max_steps"):
+        text += f", stopped by --max-steps {cfg['max_steps']}"
+    return text
 
 
 def recipe(cfg) -> str:
@@ -77,7 +96,7 @@ def loss_text(kl_weight: float, temperature: float, kl_over: str) -> str:
             f"{over})")
 
 
-def plan_text(subject, choice, lora_plan, cfg, groups, steps) -> str:
+def plan_text(subject, choice, lora_plan, cfg, groups, steps, memory=None) -> str:
     """The dry-run report: what would be adapted and trained, nothing loaded."""
     base = sum(p.numel() for p in subject.base.parameters())
     lines = [("model", f"{subject.name} ({type(subject.base).__name__}): {subject.n_layers} "
@@ -100,8 +119,26 @@ def plan_text(subject, choice, lora_plan, cfg, groups, steps) -> str:
     if groups is not None:
         lines.append(("data", f"{len(groups)} question groups: 1 pair each per epoch, "
                               f"{steps} optimizer steps"))
+    for i, line in enumerate(memory or []):
+        lines.append(("memory" if i == 0 else "", line))
     lines.append(("", "dry run: no weights were loaded and nothing was written"))
     return "\n".join(f"{k:<10} {v}".rstrip() for k, v in lines)
+
+
+def _notes(training: dict[str, Any]) -> list[str]:
+    """Warnings and the events of the run: collapse guards, skipped steps, OOM, resumptions."""
+    notes = [f"- **Warning**: {w}." for w in training.get("warnings", [])]
+    skipped = training.get("skipped_steps", [])
+    if skipped:
+        notes.append(f"- {len(skipped)} update(s) skipped for a non-finite loss (--skip-nonfinite):"
+                     f" step {', '.join(map(str, skipped))}.")
+    for o in training.get("oom_retries", []):
+        notes.append(f"- Out of memory at step {o['step']}: micro-batch {o['from']} -> {o['to']} "
+                     "pairs, step retried (same gradient).")
+    for r in training.get("resumptions", []):
+        what = ", ".join(f"{k} {v['then']} -> {v['now']}" for k, v in r["changed"].items())
+        notes.append(f"- Resumed at step {r['step']}" + (f" with {what}." if what else "."))
+    return ["## Training notes\n", "\n".join(notes) + "\n"] if notes else []
 
 
 def _modules(names: list[str]) -> str:
@@ -126,7 +163,8 @@ def model_card(record: dict[str, Any]) -> str:
         ("Learning rate", f"{cfg['lr']:g} ({cfg['schedule']}, {cfg['warmup']} warmup steps)"),
         ("Effective batch", f"{cfg['batch_size'] * cfg['grad_accum']} pairs per step "
                             f"(batch {cfg['batch_size']}, grad-accum {cfg['grad_accum']})"),
-        ("Epochs", f"{cfg['epochs']} ({training['steps']} steps, {training['pairs_seen']} pairs)"),
+        ("Epochs", f"{epochs_text(cfg, training)} ({training['steps']} steps, "
+                   f"{training['pairs_seen']} pairs)"),
         ("Target layers", f"{layers['spec']} of {layers['n_layers']} ({chosen})"),
         ("Target modules", _modules(lora["modules"])),
         ("Loss", loss_text(cfg["kl_weight"], cfg["kl_temperature"], cfg["kl_over"])),
@@ -155,6 +193,7 @@ def model_card(record: dict[str, Any]) -> str:
         parts.append(f"Held-out check at step {evaluation['step']}: flip rate "
                      f"{evaluation['flip_rate']:.1%} over {evaluation['n_pairs']} pairs, "
                      f"accuracy {evaluation['accuracy']:.1%}.\n")
+    parts += _notes(training)
     parts += [
         "## Usage\n",
         "```python\nimport torch\nfrom peft import PeftModel\n"

@@ -394,17 +394,10 @@ def _option(flag: bool | None, name: str, why_not: str | None, notes: list[str])
     return False
 
 
-def _check_out(out: Path, overwrite: bool, protected: Sequence[Path]) -> None:
-    resolved = out.resolve()
-    for p in protected:
-        if p.resolve().is_relative_to(resolved):
-            raise MechloraError(f"--out {out} holds {p}, which this run reads; choose another "
-                                "output folder")
-    if out.exists() and not out.is_dir():
-        raise MechloraError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MechloraError(f"{out} already holds results; pass --overwrite to replace them "
-                            "or choose another --out")
+def _check_out(out: Path, overwrite: bool, protected: Sequence[Path | str | None]) -> None:
+    from mechlora.io import check_out_dir
+
+    check_out_dir(out, overwrite, inputs=protected)
 
 
 @dataclass
@@ -483,7 +476,8 @@ def evaluate(subject_or_name: Subject | str, pairs: str | Path | Sequence[Questi
     groups, data_path = _groups(pairs)
     adapter_paths = [check_adapter(a) for a in adapters]
     if out is not None:
-        protected = adapter_paths + ([Path(data_path)] if data_path else [])
+        protected = [*adapter_paths, data_path, *{g.image.parent for g in groups if g.image},
+                     subject_or_name if isinstance(subject_or_name, str) else None]
         _check_out(Path(out), overwrite, protected)
     subject = _subject(subject_or_name, device, dtype)
 

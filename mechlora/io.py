@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,27 +14,66 @@ import numpy as np
 
 from mechlora.errors import MechloraError
 
+MARKER = ".mechlora-output"  # in every folder mechlora creates as an output: safe to replace
 
-def prepare_out_dir(path: str | os.PathLike, overwrite: bool = False, *,
-                    resume: bool = False) -> Path:
-    """Create an output folder; refuse to reuse a non-empty one unless told to."""
-    out = check_out_dir(path, overwrite, resume=resume)
-    if out.exists() and overwrite and not resume:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def prepare_out_dir(path: str | os.PathLike, overwrite: bool = False, *, resume: bool = False,
+                    inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Create an output folder (marked as mechlora's); replace it only if mechlora made it.
+
+    `inputs`: every path the command reads (data, images, model folder, ...); the folder may
+    neither be nor contain any of them, so `--overwrite` can never delete what a run reads.
+    """
+    out = check_out_dir(path, overwrite, resume=resume, inputs=inputs)
+    if overwrite and not resume and _has_content(out):
+        shutil.rmtree(out)  # check_out_dir found the marker: mechlora made this folder
+    if not _has_content(out):  # new or empty: mechlora's from now on (never a resumed foreign one)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).touch()
     return out
 
 
-def check_out_dir(path: str | os.PathLike, overwrite: bool = False, *,
-                  resume: bool = False) -> Path:
+def check_out_dir(path: str | os.PathLike, overwrite: bool = False, *, resume: bool = False,
+                  inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """Raise if `path` cannot be used as an output folder; changes nothing."""
     out = Path(path)
+    where = out.expanduser().resolve()
+    for name, place in (("the working directory", Path.cwd()), ("your home folder", Path.home()),
+                        ("the file system root", Path(where.anchor))):
+        if place.resolve().is_relative_to(where):
+            what = "is" if place.resolve() == where else "contains"
+            raise MechloraError(f"--out {out} {what} {name}; choose a folder of its own, "
+                                "e.g. runs/NAME")
+    for item in inputs:
+        if item is not None and _inside(Path(item), where):
+            raise MechloraError(f"--out {out} is or contains {item}, which this run reads; "
+                                "choose another output folder")
     if out.exists() and not out.is_dir():
         raise MechloraError(f"{out} exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise MechloraError(f"{out} already holds results; pass --overwrite to replace them "
-                            "or choose another --out")
+    if _has_content(out) and not resume:
+        if not is_mechlora_output(out):
+            raise MechloraError(f"{out} is not empty and was not made by mechlora (it has no "
+                                f"{MARKER} marker), so it is never replaced, --overwrite or "
+                                "not; choose another --out (or empty it yourself)")
+        if not overwrite:
+            raise MechloraError(f"{out} already holds results; pass --overwrite to replace "
+                                "them or choose another --out")
     return out
+
+
+def is_mechlora_output(folder: str | os.PathLike) -> bool:
+    """Whether mechlora created `folder` as an output (it holds the marker file)."""
+    return (Path(folder) / MARKER).is_file()
+
+
+def _has_content(folder: Path) -> bool:
+    return folder.is_dir() and any(p.name != MARKER for p in folder.iterdir())
+
+
+def _inside(item: Path, folder: Path) -> bool:
+    """`item` (an existing path) is `folder` or lies inside it; links resolved."""
+    item = item.expanduser()
+    return item.exists() and item.resolve().is_relative_to(folder)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -23,8 +23,10 @@ from mechlora.models.presets import tiny_gemma3_vlm
 from mechlora.result import LocalizationResult
 from mechlora.spec import LayerSpec
 from mechlora.train import Batcher, TrainConfig, epoch_pairs, first_token_logits, pair_terms, train
+from mechlora.training.model import add_lora
 
 T = importlib.import_module("mechlora.train")  # the module, whatever `mechlora.train` exports
+S = importlib.import_module("mechlora.training.step")  # the seams tests patch: one update
 FAST = TrainConfig(epochs=10, lr=3e-3, grad_accum=4, dropout=0.0, save_every=0)
 
 
@@ -112,7 +114,7 @@ def test_no_gradient_below_lowest_adapted_layer(groups) -> None:
 def test_one_forward_per_step_gives_the_per_pair_gradient(groups) -> None:
     subject = tiny()
     cfg = TrainConfig(dropout=0.0)
-    model = T._add_lora(subject, LayerSpec.parse("1-3", 4), cfg, 0)
+    model = add_lora(subject, LayerSpec.parse("1-3", 4), cfg, 0)
     with torch.no_grad():  # B starts at zero, which would leave A without gradient
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -188,7 +190,7 @@ def test_resume_after_interruption_gives_identical_weights(groups, tmp_path, mon
     straight = train(tiny(), groups, layers="1-3", out=tmp_path / "a", config=cfg,
                      progress=False)
 
-    step, calls = T.optimizer_step, []
+    step, calls = S.optimizer_step, []
 
     def interrupted(run, pairs):
         calls.append(1)
@@ -196,10 +198,10 @@ def test_resume_after_interruption_gives_identical_weights(groups, tmp_path, mon
             raise KeyboardInterrupt
         return step(run, pairs)
 
-    monkeypatch.setattr(T, "optimizer_step", interrupted)
+    monkeypatch.setattr(S, "optimizer_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(tiny(), groups, layers="1-3", out=tmp_path / "b", config=cfg, progress=False)
-    monkeypatch.setattr(T, "optimizer_step", step)
+    monkeypatch.setattr(S, "optimizer_step", step)
     assert T.latest_checkpoint(tmp_path / "b").name == "step-2"
     resumed = train(tiny(), groups, layers="1-3", out=tmp_path / "b", config=cfg,
                     progress=False, resume=True)
@@ -209,14 +211,14 @@ def test_resume_after_interruption_gives_identical_weights(groups, tmp_path, mon
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert [r["loss"] for r in resumed.metrics] == [r["loss"] for r in straight.metrics]
 
-    with pytest.raises(MechloraError, match="lr: 0.003 then, 0.001 now"):
+    with pytest.raises(MechloraError, match="kl_weight: 1.0 then, 2.0 now"):
         train(tiny(), groups, layers="1-3", out=tmp_path / "b", resume=True, progress=False,
-              config=TrainConfig(**{**cfg.to_dict(), "lr": 1e-3}))
+              config=TrainConfig(**{**cfg.to_dict(), "kl_weight": 2.0}))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(groups, tmp_path,
                                                              monkeypatch) -> None:
-    terms = T.pair_terms
+    terms = S.pair_terms
 
     def poisoned(model, batcher, pairs, cfg):
         out = terms(model, batcher, pairs, cfg)
@@ -226,7 +228,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(groups, tmp_path,
         return out
 
     calls: list[int] = []
-    monkeypatch.setattr(T, "pair_terms", poisoned)
+    monkeypatch.setattr(S, "pair_terms", poisoned)
     cfg = TrainConfig(**{**FAST.to_dict(), "save_every": 1})
     with pytest.raises(MechloraError, match=r"step 3: the loss is not finite.*step-2"):
         train(tiny(), groups, layers="2-3", out=tmp_path / "r", config=cfg, progress=False)

@@ -64,8 +64,10 @@ def localize(
 
     world = distributed_state()  # under `accelerate launch`, only the main process writes
     main_process = world is None or world.is_main_process
-    out_dir = prepare_out_dir(out, overwrite) if main_process else check_out_dir(out, overwrite)
     groups = load_groups(pairs or EXAMPLE_PATH)
+    reads = [pairs, model, feature_cache, *{g.image.parent for g in groups if g.image}]
+    out_dir = (prepare_out_dir(out, overwrite, inputs=reads) if main_process
+               else check_out_dir(out, overwrite, inputs=reads))
     pair_list = make_pairs(groups, max_pairs_per_group=max_pairs_per_group)
     subject = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if feature_cache is not None:

@@ -34,7 +34,8 @@ def train(
     batch_size: int = typer.Option(D.batch_size, help="Pairs per accumulation step."),
     grad_accum: int = typer.Option(D.grad_accum, help="Accumulation steps per update."),
     micro_batch: int = typer.Option(D.micro_batch, help="Pairs per forward (memory bound); 0: "
-                                    "all pairs of an update at once. Same gradient either way."),
+                                    "all pairs of an update at once. Same gradient either way; "
+                                    "halved by itself after an out-of-memory error."),
     epochs: int = typer.Option(D.epochs, help="Epochs (one random pair per group each)."),
     max_steps: int = typer.Option(D.max_steps, help="Stop after this many updates (0: no cap)."),
     warmup: int = typer.Option(D.warmup, help="Warmup updates."),
@@ -51,25 +52,36 @@ def train(
     eval_pairs: Path = typer.Option(None, help="Held-out data for a periodic flip-rate check."),
     eval_every: int = typer.Option(D.eval_every, help="Check every N updates (0: each epoch)."),
     gradient_checkpointing: bool = typer.Option(D.gradient_checkpointing,
-                                                help="Recompute activations in the backward."),
+                                                help="Recompute activations in the backward "
+                                                "(on a GPU, turned on by itself when the "
+                                                "estimated peak memory would not fit)."),
     bf16: bool = typer.Option(D.bf16, help="bf16 autocast on GPU."),
+    skip_nonfinite: int = typer.Option(D.skip_nonfinite, help="Skip up to N updates whose loss "
+                                       "is not finite (logged) before stopping; 0: stop at the "
+                                       "first."),
     localize_groups: int = typer.Option(D.localize_groups, help="Groups localized for --layers "
                                         "auto without --from."),
     dtype: str = typer.Option("auto", help="Weights: auto (bf16 on GPU, fp32 on CPU), float32, "
                               "bfloat16."),
-    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
+    device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda if available)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub folder."),
+    overwrite: bool = typer.Option(False, help="Replace an --out folder that mechlora made "
+                                   "(never one holding the inputs, or a folder mechlora did "
+                                   "not create)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last "
-                                "checkpoint."),
-    dry_run: bool = typer.Option(False, help="Print the plan (layers, trainable parameters) "
-                                 "without loading weights."),
+                                "checkpoint; --lr, --micro-batch, --gradient-checkpointing, "
+                                "--bf16, --skip-nonfinite, --device and --dtype may change."),
+    dry_run: bool = typer.Option(False, help="Print the plan (layers, trainable parameters, "
+                                 "estimated peak GPU memory) without loading weights."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a LoRA adapter on the chosen language layers for paraphrase consistency.
 
     Example: mechlora train --model tiny-gemma3-vlm --pairs pairs.jsonl --layers 15-19 --out runs/a
 
-    Multi-GPU: accelerate launch -m mechlora train ... (same options).
+    Check the plan and the estimated GPU memory first: add --dry-run. After a failure (a
+    non-finite loss, out of memory), rerun the same command with --resume and the change the
+    error suggests. Multi-GPU: accelerate launch -m mechlora train ... (same options).
     """
     from mechlora.errors import MechloraError
     from mechlora.train import plan_training
@@ -82,14 +94,19 @@ def train(
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, kl_weight=kl_weight,
         kl_temperature=kl_temperature, kl_over=kl_over, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, eval_every=eval_every,
-        gradient_checkpointing=gradient_checkpointing, bf16=bf16, rule=rule,
-        localize_groups=localize_groups,
+        gradient_checkpointing=gradient_checkpointing, bf16=bf16, skip_nonfinite=skip_nonfinite,
+        rule=rule, localize_groups=localize_groups,
     ).validate()
     if dry_run:
         typer.echo(plan_training(model, layers=layers, config=cfg, pairs=pairs,
                                  from_localization=from_))
-        if out is not None and out.exists() and any(out.iterdir()) and not (overwrite or resume):
-            typer.echo(f"note: {out} is not empty; a real run needs --overwrite or --resume")
+        if out is not None:
+            from mechlora.io import check_out_dir
+
+            try:
+                check_out_dir(out, overwrite, resume=resume, inputs=[pairs, from_])
+            except MechloraError as e:
+                typer.echo(f"note: a real run would stop here: {e}")
         return
     if pairs is None:
         raise MechloraError("--pairs is required: the paraphrase data to train on")
@@ -97,7 +114,8 @@ def train(
         raise MechloraError("--out is required: the folder to write the adapter to")
     result = run(model, pairs, layers=layers, out=out, config=cfg, from_localization=from_,
                  eval_pairs=eval_pairs, overwrite=overwrite, resume=resume, progress=not quiet,
-                 dtype=None if dtype == "auto" else dtype, device=device)
+                 dtype=None if dtype == "auto" else dtype, device=device,
+                 trust_remote_code=trust_remote_code)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

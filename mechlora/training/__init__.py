@@ -1,0 +1,1 @@
+"""The pieces of `mechlora.train`, one job per module (see mechlora/train.py for the map)."""
