@@ -22,6 +22,7 @@ from mechlora.evaluate import (
     plan_prompts,
     swap_images,
 )
+from mechlora.io import MARKER
 from mechlora.metrics import compare, compute_metrics
 from mechlora.models import wrap
 from mechlora.models.presets import tiny_gemma3_text, tiny_gemma3_vlm
@@ -415,7 +416,8 @@ def test_cli_writes_outputs_escapes_text_and_refuses_to_overwrite(tmp_path, monk
     assert _cli(argv) == 0
     printed = capsys.readouterr().out
     assert "flip rate" in printed and "base" in printed
-    assert {p.name for p in out.iterdir()} == {"eval.json", "predictions.jsonl", "report.html"}
+    assert {p.name for p in out.iterdir()} == {"eval.json", "predictions.jsonl", "report.html",
+                                               MARKER}
     report = (out / "report.html").read_text()
     assert "<script>alert(1)" not in report and "&lt;script&gt;alert(1)" in report
     assert _cli(argv) == 2

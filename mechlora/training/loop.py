@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from mechlora.batching import epoch_pairs
 from mechlora.data import Pair, QuestionGroup
 from mechlora.errors import MechloraError
-from mechlora.io import atomic_write_text
+from mechlora.io import atomic_write_text, read_jsonl
 from mechlora.training import step as steps
 from mechlora.training.checkpoints import latest_checkpoint, save_checkpoint
 from mechlora.training.guards import answer_share, choice_collapse, kl_dominance
@@ -138,8 +138,7 @@ def read_log(out: Path | None, upto: int, main: bool) -> list[dict]:
     path = out / "metrics.jsonl" if out is not None else None
     if path is None or not path.is_file():
         return []
-    # "\n" only: str.splitlines() would also split inside a row at U+2028 and its kin
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+    rows = read_jsonl(path)
     rows = [r for r in rows if 0 < upto and r["step"] <= upto]
     if main:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
