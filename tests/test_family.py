@@ -51,7 +51,7 @@ def test_no_model_type_is_named_outside_the_adapter():
     """Patching, localization and the feature cache ask the adapter; none of them tests a
     model type or reaches into KV-cache internals itself."""
     root = Path(__file__).parents[1] / "mechlora"
-    for name in ("patching.py", "localize.py", "attribution.py", "probes.py"):
+    for name in ("patching.py", "localize.py", "features.py", "attribution.py", "probes.py"):
         text = (root / name).read_text()
         for word in ('"gemma', '"llama"', '"qwen2"', "model_type", "cumulative_length",
                      '"vision_tower"', "getattr(subject.base.config"):
