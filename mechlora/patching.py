@@ -140,9 +140,10 @@ def fold_mask(start: int, held: int, rows: int, k: int, window: int | None,
 
     Row i's tokens sit at positions start..start+k-1 (as in the unfolded prompt) and see the
     cached prefix and the earlier tokens of their own row; with a sliding `window` only keys
-    less than `window` positions back (transformers' rule: q - kv < window). `valid` [held]
-    marks the prefix positions that are not padding. Positions are sequence indices, as in
-    transformers' masks (left padding counts toward the window).
+    less than `window` positions back (transformers' rule: q - kv < window). `valid`
+    [held + k] marks the positions start - held .. start + k - 1 that are not padding.
+    Positions are sequence indices, as in transformers' masks (left padding counts toward
+    the window).
     """
     q = torch.arange(start, start + k, device=device).repeat(rows)
     q_row = torch.arange(rows, device=device).repeat_interleave(k)
@@ -152,7 +153,8 @@ def fold_mask(start: int, held: int, rows: int, k: int, window: int | None,
     if window is not None:
         allowed &= q[:, None] - kv < window
     if valid is not None:
-        allowed[:, :held] &= valid.to(device=device, dtype=torch.bool)
+        valid = valid.to(device=device, dtype=torch.bool)
+        allowed &= torch.cat([valid[:held], valid[held:].repeat(rows)])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
@@ -237,7 +239,7 @@ class Prefix:
         for kind in dict.fromkeys(kinds):
             held = next(kv.held for kv, t in zip(self.snapshot, kinds) if t == kind)
             window = subject.sliding_window if kind == "sliding_attention" else None
-            valid = None if padding is None else padding[0, self.start - held:self.start]
+            valid = None if padding is None else padding[0, self.start - held:]
             masks[kind] = fold_mask(self.start, held, rows, k, window, valid, dtype,
                                     subject.device)
         return next(iter(masks.values())) if len(masks) == 1 else masks

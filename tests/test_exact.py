@@ -92,33 +92,39 @@ def test_left_padding_is_exact(fold, monkeypatch):
     batch = subject.encode([QUESTIONS[1], QUESTIONS[2]])
     inputs = {key: v[:1] for key, v in batch.items()}
     assert not bool(inputs["attention_mask"].all())  # it is padded
-    for k in (1, 12, 20):
+    for k in (1, 12, 20, 70):
         patches = random_patches(subject, inputs, k)
         torch.testing.assert_close(margins(subject, inputs, patches, "cached"),
                                    margins(subject, inputs, patches, "full"), rtol=0, atol=1e-5)
 
 
-def test_bf16_stays_within_rounding():
+def test_bf16_stays_within_rounding(fold_calls):
     """bf16: the folded step runs other kernel shapes than a plain forward, so margins differ
     by bf16 rounding (measured: at most 0.016 logits, one bf16 step at |margin| ~ 2); the
-    tolerance, 0.05, is far below the sliding-window error this guards against (order 1)."""
-    subject = gemma3_text(16)
+    tolerance, 0.05, is far below the sliding-window error this guards against (order 1).
+    Suffixes of 30 and 60 of the 79 tokens start beyond and before the window's edge at 40."""
+    subject = gemma3_text(40)
     subject.model.to(torch.bfloat16)
     inputs = _inputs(subject, QUESTIONS[2])
-    for k in (1, 12, 30):
+    for k in (1, 30, 60):
         patches = random_patches(subject, inputs, k)
         full = margins(subject, inputs, patches, "full")
         torch.testing.assert_close(margins(subject, inputs, patches, "cached"), full,
                                    rtol=0, atol=0.05)
+    assert {w for *_, w in fold_calls} == {None, 40}
 
 
-def test_localize_is_exact_when_a_pair_crosses_the_window():
-    """End to end: clean runs, their reused prefixes, suffix:K within the shared template."""
+def test_localize_is_exact_when_a_pair_crosses_the_window(tmp_path):
+    """End to end: clean runs with an image, their reused prefixes, suffix:9 within the shared
+    template; the 32-token prompt's suffix starts at 23, before the window's edge at 24."""
+    subject = gemma3_vlm(24)
+    image = tmp_path / "gray.png"
+    subject.gray_image().save(image)
     groups = [QuestionGroup(id=f"g{i}", variants=(Variant(a), Variant(b, "lexical")),
-                            answer="yes")
+                            answer="yes", image=str(image))
               for i, (a, b) in enumerate([(QUESTIONS[0], QUESTIONS[1]),
                                           (QUESTIONS[1], QUESTIONS[2])])]
-    subject = gemma3_vlm(24)
+    assert _inputs(subject, QUESTIONS[0])["input_ids"].shape[1] == 32
     kw = dict(positions="suffix:9", min_delta=0.05, progress=False)
     full = localize(subject, groups, engine="full", **kw)
     cached = localize(subject, groups, engine="cached", **kw)
