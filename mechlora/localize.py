@@ -157,8 +157,8 @@ def check_positions(subject: Subject, pair: Pair, a: CleanRun, b: CleanRun, spec
     - `suffix:K` aligns the last K tokens of both prompts; they must be the same tokens
       (the shared chat-template suffix), else the patch moves one word's activation onto
       another's. The error names the first differing token from the end.
-    - Any position set: when donor and recipient are the same tokens up to beyond the last
-      patched position, at the same offsets, causal attention makes the patched
+    - Any position set: when donor and recipient are the same tokens (and image) up to beyond
+      the last patched position, at the same offsets, causal attention makes the patched
       activations identical in both runs, so r = 0 by construction (image tokens before
       the question, the MedGemma chat layout, with `image`).
     """
@@ -179,7 +179,10 @@ def check_positions(subject: Subject, pair: Pair, a: CleanRun, b: CleanRun, spec
                 f"{text_b!r} (position {int(pos_b[j])}) in the recipient, so the aligned "
                 f"activations belong to different words; these prompts share their last "
                 f"{back - 1} tokens: {fix}")
-    if bidirectional(subject.text_config, subject.family) is None and torch.equal(pos_a, pos_b):
+    pixels = [run.inputs.get("pixel_values") for run in (a, b)]
+    same_image = pixels[0] is None or pixels[1] is None or torch.equal(*pixels)
+    if (bidirectional(subject.text_config, subject.family) is None and same_image
+            and torch.equal(pos_a, pos_b)):
         n = min(len(ids_a), len(ids_b))
         differ = (ids_a[:n] != ids_b[:n]).nonzero()
         first = int(differ[0]) if len(differ) else n
