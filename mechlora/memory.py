@@ -2,7 +2,7 @@
 
 The engines split their rows into forwards whose estimate stays under `max_bytes` (default
 4 GiB, docs/memory.md has the arithmetic for MedGemma-4B on a 24 GB card); `max_rows`, when
-given, caps the rows as well. Results do not depend on the split (tests/test_memory.py).
+given, caps the rows as well. Results do not depend on the split (tests/test_localize_memory.py).
 
 The estimate counts what grows with the rows, with the model's own sizes: keys and values
 (the cache of every layer holds them until the step ends, and transformers' `DynamicCache`
