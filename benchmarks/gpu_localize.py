@@ -90,10 +90,10 @@ def main() -> None:
     pairs = make_pairs(groups)
     print(f"machine: {machine()}; model {subject.name}, {subject.n_layers} layers, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters")
-    localize(subject, pairs[:1], progress=False, min_delta=0.0)  # warm-up
+    localize(subject, pairs[:1], progress=False, min_delta=1e-6)  # warm-up
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result, seconds = timed(lambda: localize(subject, pairs, progress=False, min_delta=0.0))
+    result, seconds = timed(lambda: localize(subject, pairs, progress=False, min_delta=1e-6))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     print(f"default engine ({result.engine}): {len(pairs) / seconds:.2f} pairs/s "
           f"({seconds / len(pairs) * 1000:.0f} ms per ordered pair of 102 patched rows), "

@@ -121,7 +121,7 @@ def gemma270m(n_pairs: int) -> list[Row]:
     what = "localize, Gemma 3 270M, resid x 18 layers, last position"
 
     def mechlora_run(**kw):
-        return localize(subject, pairs, components=["resid"], min_delta=0.0, progress=False,
+        return localize(subject, pairs, components=["resid"], min_delta=1e-6, progress=False,
                         **kw)
 
     # Each method runs once untimed first: imports, booting, first-call allocations.
@@ -131,11 +131,15 @@ def gemma270m(n_pairs: int) -> list[Row]:
     from mechlora.bridges.tlens import boot_bridge
     from mechlora.probes import Site
 
-    traced_model = traced(subject.model)
-    layers = [envoy_at(traced_model, envoy_path(subject, Site(layer, "resid")))
-              for layer in range(subject.n_layers)]
-    loops["nnsight 0.8 layer loop (one trace per layer)"] = lambda: np.stack(
-        [nnsight_layer_loop(traced_model, layers, a, b, ids) for a, b in prompts])
+    def nnsight_loop():
+        # NNsight(model) for the loop only: mechlora's own runs then see the plain model.
+        with traced(subject.model) as traced_model:
+            layers = [envoy_at(traced_model, envoy_path(subject, Site(layer, "resid")))
+                      for layer in range(subject.n_layers)]
+            return np.stack([nnsight_layer_loop(traced_model, layers, a, b, ids)
+                             for a, b in prompts])
+
+    loops["nnsight 0.8 layer loop (one trace per layer)"] = nnsight_loop
     bridge = boot_bridge(subject)
     loops["TransformerLens 4 layer loop (`run_with_hooks` per layer)"] = lambda: np.stack(
         [tlens_layer_loop(bridge, a, b, ids, subject.n_layers) for a, b in prompts])

@@ -32,6 +32,7 @@ from mechlora.localize import (
     CleanRun,
     _as_pairs,
     aligned_positions,
+    check_limits,
     clean_run,
     divergence,
     parse_positions,
@@ -103,9 +104,9 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 def attribute(subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] | str | Path, *,
               components: Sequence[str] = COMPONENTS, positions: str = "last",
-              only_flips: bool = False, min_delta: float = 0.25, max_rows: int = 128,
-              n_boot: int = 1000, progress: bool = True, verify_top: int = 0,
-              verify_engine: str = "auto") -> LocalizationResult:
+              only_flips: bool = False, min_delta: float = 0.25, max_rows: int | None = None,
+              max_bytes: int | None = None, n_boot: int = 1000, progress: bool = True,
+              verify_top: int = 0, verify_engine: str = "auto") -> LocalizationResult:
     """Attribution-patching estimates of restoration for every (layer, component) site.
 
     Arguments as for `mechlora.localize`; the result's `restoration` holds the estimates.
@@ -121,6 +122,7 @@ def attribute(subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] | str | P
     pairs = _as_pairs(pairs)
     if not pairs:
         raise MechloraError("no pairs to localize: the data has no paraphrase pairs")
+    check_limits(min_delta=min_delta, max_rows=max_rows, max_bytes=max_bytes)
     if verify_top < 0:
         raise MechloraError(f"verify_top must be 0 (no check) or a number of sites, "
                             f"got {verify_top}")
@@ -146,7 +148,7 @@ def attribute(subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] | str | P
                                                g.answer_index, ids, sites, positions)
         (a, _), (b, grad_b) = runs[(g.id, pair.a)], runs[(g.id, pair.b)]
         delta = screen(pair, a, b, positions=positions, only_flips=only_flips,
-                       min_delta=min_delta, excluded=excluded)
+                       min_delta=min_delta, excluded=excluded, subject=subject)
         if delta is None:
             continue
         per_pos = torch.stack([((a.values[s] - b.values[s]).float() * grad_b[s].float()).sum(-1)
@@ -177,17 +179,19 @@ def attribute(subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] | str | P
         divergence={k: (np.stack(v) if v else np.zeros((0, n_layers))) for k, v in div.items()},
         excluded=excluded, n_boot=n_boot,
         settings={"engine": "attribution", "only_flips": only_flips, "min_delta": min_delta,
-                  "max_rows": max_rows, "n_pairs_in": len(pairs), "attribution": info},
+                  "max_rows": max_rows, "max_bytes": max_bytes, "n_pairs_in": len(pairs),
+                  "attribution": info},
     )
     if verify_top and kept:
         info.update(verify(subject, kept, result, verify_top, engine=verify_engine,
-                           max_rows=max_rows, progress=progress))
+                           max_rows=max_rows, max_bytes=max_bytes, progress=progress))
     result.settings["seconds"] = round(time.perf_counter() - t0, 3)
     return result
 
 
 def verify(subject: Subject, pairs: Sequence[Pair], result: LocalizationResult, k: int, *,
-           engine: str = "auto", max_rows: int = 128, progress: bool = False) -> dict:
+           engine: str = "auto", max_rows: int | None = None, max_bytes: int | None = None,
+           progress: bool = False) -> dict:
     """Exact restoration of the `k` sites with the largest mean |estimate| in `result`,
     for the same pairs; returns the estimates, the exact values and their rank correlation."""
     sites = [Site(layer, c) for c in result.components for layer in range(result.n_layers)]
@@ -211,7 +215,7 @@ def verify(subject: Subject, pairs: Sequence[Pair], result: LocalizationResult, 
             name = choose_engine(engine, subject, b.inputs, patches)
             engines.add(name)
             patched = RUNNERS[name](subject, b.inputs, patches, ids, g.answer_index,
-                                    max_rows=max_rows)
+                                    max_rows=max_rows, max_bytes=max_bytes)
             exact[i] = (patched.cpu().numpy() - b.margin) / (a.margin - b.margin)
     estimate = np.stack([result.restoration[s.component][:, s.layer] for s in top], axis=1)
     return {

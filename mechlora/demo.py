@@ -63,7 +63,7 @@ def localize_flips(org: Organism, cfg: DemoConfig, progress: bool = True):
     subject = org.load()
     loc = localize(subject, pairs, only_flips=True, progress=progress)
     if loc.n_pairs == 0:  # a model that never flips here: localize every pair instead
-        loc = localize(subject, pairs, min_delta=0.0, progress=progress)
+        loc = localize(subject, pairs, min_delta=1e-6, progress=progress)
     selection = select_layers(loc.scores, f"window:{cfg.window}")
     loc.settings["selection"] = {"rule": selection.rule, "spec": str(selection.spec),
                                  "covered": selection.covered, "reason": selection.reason}

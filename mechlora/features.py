@@ -2,14 +2,19 @@
 one image are the same for every paraphrase, direction, epoch and eval run.
 
 Kept in memory, and on disk with a folder (`--feature-cache DIR`), keyed by a fingerprint of
-the vision weights and the preprocessed pixels. A model whose vision tower carries adapter
-weights is never cached (its features are not frozen).
+the vision weights (a SHA-256 of every byte, their names, shapes and dtypes) and of the
+preprocessed pixels. The fingerprint of a model is remembered for that model object only
+(never by `id`, which Python reuses) and recomputed when any vision weight changes in place
+(its version counter moves) or is replaced. Edits through `param.data` bypass version
+counters: call `FeatureCache.clear()` after those. A model whose vision tower carries
+adapter weights is never cached (its features are not frozen).
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -20,10 +25,29 @@ from mechlora.io import atomic_write_bytes
 
 
 def vision_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules that turn pixels into LM-ready features (Gemma 3: tower + projector)."""
+    """The modules that turn pixels into LM-ready features (mechlora/models/family.py names
+    them per family; Gemma 3: the vision tower and the projector)."""
+    from mechlora.models.family import family_of
+
     inner = getattr(model, "model", model)
-    return [m for name in ("vision_tower", "multi_modal_projector")
-            if isinstance(m := getattr(inner, name, None), nn.Module)]
+    names = family_of(model.config).vision_modules if hasattr(model, "config") else ()
+    return [m for name in names if isinstance(m := getattr(inner, name, None), nn.Module)]
+
+
+def _weights_stamp(params: list[tuple[str, torch.Tensor]]) -> tuple | None:
+    """Changes whenever a weight is modified in place (version counter) or replaced; None
+    for inference tensors, which keep no version counter (then every call re-hashes)."""
+    if any(p.is_inference() for _, p in params):
+        return None
+    return tuple((p._version, p.data_ptr(), p.dtype) for _, p in params)
+
+
+def _digest(params: list[tuple[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for name, p in params:
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(p.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
 class FeatureCache:
@@ -32,7 +56,14 @@ class FeatureCache:
         self.max_items = max_items
         self.memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
-        self._fingerprints: dict[int, str] = {}
+        # model -> (weights stamp, fingerprint); dies with the model, so a new model at a
+        # reused id starts afresh.
+        self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def clear(self) -> None:
+        """Forget every feature and fingerprint kept in memory (not the folder's files)."""
+        self.memory.clear()
+        self._fingerprints = weakref.WeakKeyDictionary()
 
     def fingerprint(self, model: nn.Module) -> str | None:
         """A digest of the vision weights; None when they are not frozen-and-plain."""
@@ -42,15 +73,12 @@ class FeatureCache:
         params = [(n, p) for m in modules for n, p in m.named_parameters()]
         if any("lora_" in n for n, _ in params):  # an adapter on the vision side
             return None
-        if id(model) not in self._fingerprints:
-            h = hashlib.sha256()
-            for name, p in params:
-                h.update(name.encode())
-                h.update(str(tuple(p.shape)).encode())
-                flat = p.detach().flatten().float()
-                h.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
-            self._fingerprints[id(model)] = h.hexdigest()[:16]
-        return self._fingerprints[id(model)]
+        stamp = _weights_stamp(params)
+        known = self._fingerprints.get(model)
+        if known is None or stamp is None or known[0] != stamp:
+            known = (stamp, _digest(params))
+            self._fingerprints[model] = known
+        return known[1]
 
     def features(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, tokens, hidden] projected features for `pixel_values` [n_images, ...]."""
@@ -58,12 +86,15 @@ class FeatureCache:
         if fp is None:
             return _compute(model, pixel_values)
         out = []
+        dtype = _feature_dtype(model)
         for image in pixel_values:
-            key = fp + hashlib.sha256(image.detach().float().cpu().numpy().tobytes()).hexdigest()
-            out.append(self._get(key, model, image))
+            pixels = hashlib.sha256(image.detach().float().cpu().numpy().tobytes()).hexdigest()
+            key = f"{fp}-{str(dtype).removeprefix('torch.')}-{pixels[:40]}"
+            out.append(self._get(key, model, image, dtype))
         return torch.stack(out)
 
-    def _get(self, key: str, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    def _get(self, key: str, model: nn.Module, image: torch.Tensor, dtype: torch.dtype
+             ) -> torch.Tensor:
         if key in self.memory:
             self.hits += 1
             self.memory.move_to_end(key)
@@ -72,7 +103,7 @@ class FeatureCache:
         if path is not None and path.is_file():
             from safetensors.torch import load_file
 
-            feats = load_file(str(path))["features"].to(image.device)
+            feats = load_file(str(path))["features"].to(image.device, dtype)
             self.hits += 1
         else:
             feats = _compute(model, image[None])[0]
@@ -85,6 +116,12 @@ class FeatureCache:
         if len(self.memory) > self.max_items:
             self.memory.popitem(last=False)
         return feats
+
+
+def _feature_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the features (Gemma 3 returns them in the vision tower's dtype)."""
+    params = [p for m in vision_modules(model) for p in m.parameters()]
+    return params[0].dtype if params else torch.float32
 
 
 def _compute(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mechlora import memory
 from mechlora.data import Pair, QuestionGroup, load_groups, load_image, make_pairs
 from mechlora.errors import MechloraError
 from mechlora.features import with_image_features
+from mechlora.models.family import bidirectional
 from mechlora.models.subject import Subject
 from mechlora.patching import (
     RUNNERS,
@@ -60,11 +62,6 @@ class CleanRun:
         return self._lens
 
 
-# Patched rows per forward when `max_rows` is None. A cached-engine row is one token (or K for
-# suffix:K) over the shared prefix; other engines' rows are whole prompts.
-DEFAULT_ROWS = {"cached": 1024}
-
-
 def parse_positions(spec: str) -> tuple[str, int]:
     """`last`, `suffix:K` (last K positions, aligned from the end) or `image`."""
     if spec == "last":
@@ -80,7 +77,7 @@ def aligned_positions(subject: Subject, inputs: dict, spec: str) -> torch.Tensor
     kind, k = parse_positions(spec)
     length = inputs["input_ids"].shape[1]
     if kind == "image":
-        token = getattr(subject.base.config, "image_token_id", None)
+        token = subject.image_token_id
         if token is None or not subject.is_vlm:
             raise MechloraError("positions 'image' need a vision-language model")
         pos = (inputs["input_ids"][0] == token).nonzero().flatten()
@@ -133,9 +130,12 @@ def divergence(subject: Subject, a: CleanRun, b: CleanRun, *, logit_lens: bool =
 
 
 def screen(pair: Pair, a: CleanRun, b: CleanRun, *, positions: str, only_flips: bool,
-           min_delta: float, excluded: list[dict]) -> float | None:
+           min_delta: float, excluded: list[dict], subject: Subject | None = None
+           ) -> float | None:
     """m(a) - m(b) for a pair to patch; None for a pair that is skipped (not a flip, with
-    `only_flips`) or excluded (margins too close: appended to `excluded` with the reason)."""
+    `only_flips`) or excluded (margins too close: appended to `excluded` with the reason).
+    A position set that cannot mean what it says for this pair stops the run
+    (`check_positions`, given the `subject`)."""
     if only_flips and a.pred == b.pred:
         return None
     if len(a.positions) != len(b.positions):
@@ -146,7 +146,54 @@ def screen(pair: Pair, a: CleanRun, b: CleanRun, *, positions: str, only_flips: 
         excluded.append({"id": pair.id, "margin_a": a.margin, "margin_b": b.margin,
                          "reason": f"|m(a) - m(b)| < {min_delta}"})
         return None
+    if subject is not None:
+        check_positions(subject, pair, a, b, positions)
     return delta
+
+
+def check_positions(subject: Subject, pair: Pair, a: CleanRun, b: CleanRun, spec: str) -> None:
+    """Refuse a position set whose patches cannot do what they say, for the whole run.
+
+    - `suffix:K` aligns the last K tokens of both prompts; they must be the same tokens
+      (the shared chat-template suffix), else the patch moves one word's activation onto
+      another's. The error names the first differing token from the end.
+    - Any position set: when donor and recipient are the same tokens (and image) up to beyond
+      the last patched position, at the same offsets, causal attention makes the patched
+      activations identical in both runs, so r = 0 by construction (image tokens before
+      the question, the MedGemma chat layout, with `image`).
+    """
+    ids_a, ids_b = a.inputs["input_ids"][0].cpu(), b.inputs["input_ids"][0].cpu()
+    pos_a, pos_b = a.positions.cpu(), b.positions.cpu()
+    kind, _ = parse_positions(spec)
+    if kind == "suffix":
+        same = ids_a[pos_a] == ids_b[pos_b]
+        if not bool(same.all()):
+            j = int((~same).nonzero()[-1])   # the differing token nearest the end
+            back = len(pos_a) - j            # 1 = the last token
+            text_a, text_b = (subject.tokenizer.decode([int(t)]) for t in (ids_a[pos_a[j]],
+                                                                          ids_b[pos_b[j]]))
+            fix = (f"use suffix:{back - 1} or less" if back > 2 else "use --positions last")
+            raise MechloraError(
+                f"pair {pair.id}: positions '{spec}' reach into the question: token {back} "
+                f"from the end is {text_a!r} (position {int(pos_a[j])}) in the donor but "
+                f"{text_b!r} (position {int(pos_b[j])}) in the recipient, so the aligned "
+                f"activations belong to different words; these prompts share their last "
+                f"{back - 1} tokens: {fix}")
+    pixels = [run.inputs.get("pixel_values") for run in (a, b)]
+    same_image = pixels[0] is None or pixels[1] is None or torch.equal(*pixels)
+    if (bidirectional(subject.text_config, subject.family) is None and same_image
+            and torch.equal(pos_a, pos_b)):
+        n = min(len(ids_a), len(ids_b))
+        differ = (ids_a[:n] != ids_b[:n]).nonzero()
+        first = int(differ[0]) if len(differ) else n
+        if int(pos_a.max()) < first:
+            raise MechloraError(
+                f"positions '{spec}' cannot differ between the prompts of pair {pair.id}: "
+                f"both are the same tokens up to position {first}, after every patched "
+                f"position (the last is {int(pos_a.max())}); under causal attention the "
+                "patched activations are then identical in donor and recipient, so every "
+                "restoration is 0 by construction. This is the layout of chat VLMs that put "
+                "the image before the question (MedGemma): patch last or suffix:K instead")
 
 
 def _as_pairs(pairs) -> list[Pair]:
@@ -161,8 +208,9 @@ def _as_pairs(pairs) -> list[Pair]:
 def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] | str | Path, *,
              components: Sequence[str] = COMPONENTS, positions: str = "last",
              engine: str = "auto", only_flips: bool = False, min_delta: float = 0.25,
-             max_rows: int | None = None, n_boot: int = 1000, progress: bool = True,
-             verify_top: int = 0, logit_lens: bool = True) -> LocalizationResult:
+             max_rows: int | None = None, max_bytes: int | None = None, n_boot: int = 1000,
+             progress: bool = True, verify_top: int = 0, logit_lens: bool = True
+             ) -> LocalizationResult:
     """Patch every (layer, component) site from each pair's donor into its recipient.
 
     `pairs` are ordered: pair (a, b) patches a's activations into b's run; `make_pairs` forms
@@ -170,8 +218,9 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     |m(a) - m(b)| < `min_delta` cannot be normalised and are reported in `excluded`.
     `subject` may be a TransformerLens `TransformerBridge`. `engine="attribution"` estimates
     restoration from gradients (mechlora.attribution); `verify_top=K` then checks K sites exactly.
-    `max_rows` caps the patched rows per forward (memory); None: 1024 single-token rows for the
-    cached engine, 128 whole-prompt rows for the others. `logit_lens=False` skips the
+    Each forward holds as many patched rows as fit `max_bytes` (an estimate, default 4 GiB:
+    mechlora/memory.py, docs/memory.md) and, when given, at most `max_rows`; results do not
+    depend on the split. `logit_lens=False` skips the
     logit-lens KL divergence (a full-vocabulary unembedding of every layer of every prompt: on
     a CPU with a 262k vocabulary, a large share of the sweep).
     """
@@ -179,13 +228,14 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     from mechlora.models import wrap
 
     subject = as_subject(subject)
+    check_limits(min_delta=min_delta, max_rows=max_rows, max_bytes=max_bytes)
     if engine == "attribution":
         from mechlora.attribution import attribute
 
         return attribute(subject, pairs, components=components, positions=positions,
-                         only_flips=only_flips, min_delta=min_delta,
-                         max_rows=128 if max_rows is None else max_rows,
-                         n_boot=n_boot, progress=progress, verify_top=verify_top)
+                         only_flips=only_flips, min_delta=min_delta, max_rows=max_rows,
+                         max_bytes=max_bytes, n_boot=n_boot, progress=progress,
+                         verify_top=verify_top)
     if verify_top:
         raise MechloraError("verify_top checks engine='attribution' against exact patching; "
                             "use it with that engine only")
@@ -196,8 +246,8 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     parse_positions(positions)
     all_sites(subject.n_layers, components)  # bad options fail before any work
     kw = dict(components=components, positions=positions, engine=engine,
-              only_flips=only_flips, min_delta=min_delta, max_rows=max_rows, n_boot=n_boot,
-              logit_lens=logit_lens)
+              only_flips=only_flips, min_delta=min_delta, max_rows=max_rows,
+              max_bytes=max_bytes, n_boot=n_boot, logit_lens=logit_lens)
     world = distributed_state()
     if world is None:
         return _sweep(subject, pairs, progress=progress, **kw)
@@ -207,6 +257,18 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     part = _sweep(subject, pairs[world.process_index::world.num_processes],
                   progress=progress and world.is_main_process, **kw)
     return merge_results(gather_object([part]), [p.id for p in pairs])
+
+
+def check_limits(*, min_delta: float, max_rows: int | None = None,
+                 max_bytes: int | None = None) -> None:
+    """Refuse options that would divide by zero or bound nothing."""
+    if not min_delta > 0:  # also refuses NaN
+        raise MechloraError(f"min_delta must be a positive number of logits (r divides by "
+                            f"m(a) - m(b)), got {min_delta}; the default is 0.25")
+    if max_rows is not None and max_rows < 1:
+        raise MechloraError(f"max_rows must be at least 1 (or unset), got {max_rows}")
+    if max_bytes is not None and max_bytes < 1:
+        raise MechloraError(f"max_bytes must be a positive number of bytes, got {max_bytes}")
 
 
 def distributed_state():
@@ -222,14 +284,14 @@ def distributed_state():
 
 def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str],
            positions: str, engine: str, only_flips: bool, min_delta: float,
-           max_rows: int | None,
-           n_boot: int, progress: bool, logit_lens: bool) -> LocalizationResult:
+           max_rows: int | None, max_bytes: int | None, n_boot: int, progress: bool,
+           logit_lens: bool) -> LocalizationResult:
     """The sweep over `pairs` in this process."""
     sites = all_sites(subject.n_layers, components)
     rows: dict[str, list] = {"pair": [], "group": [], "ma": [], "mb": []}
     restoration = {c: [] for c in components}
     div = {"cosine": [], "logit_lens_kl": []} if logit_lens else {"cosine": []}
-    keep_prefix = engine in ("auto", "cached")
+    keep_prefix = engine == "cached" or (engine == "auto" and subject.family.cached)
     excluded, used_engines = [], set()
     answer_ids: dict[tuple, list[int]] = {}
     runs: dict[tuple[str, int], CleanRun] = {}
@@ -256,7 +318,7 @@ def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str]
             for pair in chunk:
                 delta = screen(pair, runs[(g.id, pair.a)], runs[(g.id, pair.b)],
                                positions=positions, only_flips=only_flips,
-                               min_delta=min_delta, excluded=excluded)
+                               min_delta=min_delta, excluded=excluded, subject=subject)
                 if delta is not None:
                     kept.append((pair, delta))
             margins: dict[str, np.ndarray] = {}
@@ -268,9 +330,9 @@ def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str]
                 name = choose_engine(engine, subject, b.inputs, patches)
                 used_engines.add(name)
                 extra = {"prefix": b.prefix} if name == "cached" else {}
-                rows_cap = max_rows if max_rows is not None else DEFAULT_ROWS.get(name, 128)
                 patched = RUNNERS[name](subject, b.inputs, patches, ids, g.answer_index,
-                                        max_rows=rows_cap, **extra).cpu().numpy()
+                                        max_rows=max_rows, max_bytes=max_bytes,
+                                        **extra).cpu().numpy()
                 margins.update(zip([p.id for p in donors], patched.reshape(len(donors), -1)))
             for pair, delta in kept:
                 a, b = runs[(g.id, pair.a)], runs[(g.id, pair.b)]
@@ -298,6 +360,7 @@ def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str]
         margin_a=np.array(rows["ma"]), margin_b=np.array(rows["mb"]),
         divergence={k: stack(v) for k, v in div.items()}, excluded=excluded, n_boot=n_boot,
         settings={"engine": engine, "only_flips": only_flips, "min_delta": min_delta,
-                  "max_rows": max_rows, "logit_lens": logit_lens, "n_pairs_in": len(pairs),
+                  "max_rows": max_rows, "max_bytes": max_bytes or memory.DEFAULT_MAX_BYTES,
+                  "logit_lens": logit_lens, "n_pairs_in": len(pairs),
                   "seconds": round(time.perf_counter() - t0, 3)},
     )

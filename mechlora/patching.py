@@ -4,17 +4,19 @@
 - `batched`: the recipient repeated as rows of one forward, row i patched at site i.
 - `cached`: the recipient's prefix (everything before the first patched position) runs once
   with a KV cache; only the positions from the first patched one onward are recomputed, for
-  all rows at once, over that shared prefix. Exact, because patching position p cannot change
-  any earlier position's keys and values.
+  all rows at once, over that shared prefix. Exact under causal attention, because patching
+  position p cannot change any earlier position's keys and values; refused where the prompt
+  attends both ways (`Subject.prefix_cache_problem`).
 
-All return the answer margin of every patched row. Logits are computed at the last position
-only, and only for the choices' first tokens (`choice_head`): with a 262k vocabulary the full
-unembedding is about half of a short forward, and a margin needs two or three logits.
+All return the answer margin of every patched row, and split their rows into forwards that
+fit `max_bytes` (and `max_rows`, when given; mechlora/memory.py). Logits are computed at the
+last position only, and only for the choices' first tokens (`choice_head`): with a 262k
+vocabulary the full unembedding is about half of a short forward, and a margin needs two or
+three logits.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mechlora import memory
 from mechlora.errors import MechloraError
 from mechlora.features import with_image_features
+from mechlora.models import family as families
 from mechlora.models.subject import Subject
 from mechlora.probes import Patch, Site, patch
 
@@ -88,7 +92,7 @@ def repeat_inputs(subject: Subject, inputs: dict, rows: int) -> dict:
 
 
 def run_full(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids, ref: int,
-             max_rows: int = 0) -> torch.Tensor:
+             max_rows: int | None = None, max_bytes: int | None = None) -> torch.Tensor:
     margins = []
     with choice_head(subject, answer_ids) as cols:
         for p in patches:
@@ -97,16 +101,20 @@ def run_full(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answe
     return torch.cat(margins)
 
 
-def _chunks(n: int, size: int):
-    size = size if size > 0 else n
-    for start in range(0, n, size):
-        yield start, min(n, start + size)
+def prompt_chunks(subject: Subject, inputs: dict, n: int, max_rows: int | None,
+                  max_bytes: int | None):
+    """Chunks of `n` whole-prompt rows that fit the memory budget."""
+    cost, length = memory.TokenCost.of(subject), inputs["input_ids"].shape[1]
+    size = memory.rows_per_forward(lambda r: memory.prompt_rows(cost, r, length), n,
+                                   max_bytes, max_rows)
+    return memory.chunks(n, size)
 
 
 def run_batched(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids,
-                ref: int, max_rows: int = 64) -> torch.Tensor:
+                ref: int, max_rows: int | None = None, max_bytes: int | None = None
+                ) -> torch.Tensor:
     margins = []
-    for start, stop in _chunks(len(patches), max_rows):
+    for start, stop in prompt_chunks(subject, inputs, len(patches), max_rows, max_bytes):
         chunk = patches[start:stop]
         rows = repeat_inputs(subject, inputs, len(chunk))
         patches_here = [Patch(i, p.site, p.positions, p.values) for i, p in enumerate(chunk)]
@@ -122,18 +130,33 @@ def patch_start(patches: Sequence[SitePatch]) -> int:
 
 def cached_valid(subject: Subject, inputs: dict, start: int) -> str | None:
     """Why a prefix cache up to position `start` cannot serve exact runs (None when it can)."""
-    if start < 1:
-        return "a patch at position 0 leaves no prefix to cache"
-    if "token_type_ids" in inputs and bool(inputs["token_type_ids"][0, start:].any()):
-        return "image tokens after the first patched position (bidirectional image attention)"
-    if not getattr(subject.text_config, "use_cache", True):
-        return "the model does not support a KV cache"
-    return None
+    return subject.prefix_cache_problem(inputs, start)
 
 
-# Architectures whose forward honours a custom 4D attention mask with repeated position ids
-# (tests/test_localize.py checks each against unfolded rows); others get one row per patch.
-FOLDABLE = {"gemma3", "gemma3_text", "llama", "qwen2"}
+def fold_mask(start: int, held: int, rows: int, k: int, window: int | None,
+              valid: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor:
+    """[1, 1, rows*k, held + rows*k] additive mask of `rows` continuations of `k` tokens
+    folded into one sequence after a cache holding the prefix positions [start - held, start).
+
+    Row i's tokens sit at positions start..start+k-1 (as in the unfolded prompt) and see the
+    cached prefix and the earlier tokens of their own row; with a sliding `window` only keys
+    less than `window` positions back (transformers' rule: q - kv < window). `valid`
+    [held + k] marks the positions start - held .. start + k - 1 that are not padding.
+    Positions are sequence indices, as in transformers' masks (left padding counts toward
+    the window).
+    """
+    q = torch.arange(start, start + k, device=device).repeat(rows)
+    q_row = torch.arange(rows, device=device).repeat_interleave(k)
+    kv = torch.cat([torch.arange(start - held, start, device=device), q])
+    kv_row = torch.cat([torch.full((held,), -1, device=device), q_row])
+    allowed = ((kv_row == -1) | (kv_row == q_row[:, None])) & (kv <= q[:, None])
+    if window is not None:
+        allowed &= q[:, None] - kv < window
+    if valid is not None:
+        valid = valid.to(device=device, dtype=torch.bool)
+        allowed &= torch.cat([valid[:held], valid[held:].repeat(rows)])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 @dataclass
@@ -141,22 +164,39 @@ class Prefix:
     """A prompt's KV cache for positions [0, start), shared by every run that continues it.
 
     Patching position p cannot change the keys and values of earlier positions, so the prefix
-    runs once per prompt: for its clean run and for all of its patched rows. The rows are
-    folded into one sequence over the single shared prefix (row i's suffix tokens placed after
-    row i-1's, same position ids, a mask that lets each see only the prefix and itself): no
-    row copies the prefix's keys and values, which for MedGemma-4B would be 43 MB per row.
+    runs once per prompt: for its clean run and for all of its patched rows. Where the model
+    allows (`fold_problem`), the rows are folded into one sequence over the single shared
+    prefix (row i's suffix tokens placed after row i-1's, same position ids, a mask per layer
+    kind that lets each see only the prefix and itself, within the layer's sliding window):
+    no row copies the prefix's keys and values, which for MedGemma-4B would be 43 MB per row.
+    Otherwise each row continues its own (expanded) copy, which transformers masks itself.
     """
 
     start: int
     cache: object
-    snapshot: list  # (cache layer, keys, values, cumulative length) right after the prefix
+    snapshot: list[families.KVLayer]  # every cache layer right after the prefix
+
+    def fold_problem(self, subject: Subject) -> str | None:
+        """Why these rows cannot be folded (None when they can)."""
+        why = subject.fold_problem()
+        if why:
+            return why
+        kinds = subject.layer_kinds
+        if len(self.snapshot) != len(kinds):
+            return f"the cache has {len(self.snapshot)} layers for {len(kinds)} decoder layers"
+        for kind in set(kinds):
+            if len({kv.held for kv, t in zip(self.snapshot, kinds) if t == kind}) > 1:
+                return f"the {kind} layers of the cache hold different numbers of keys"
+        return None
 
     def continue_with(self, subject: Subject, inputs: dict,
-                      patches: Sequence[SitePatch] = ()) -> torch.Tensor:
+                      patches: Sequence[SitePatch] = (), fold: bool | None = None
+                      ) -> torch.Tensor:
         """Last-position logits of `inputs`' suffix over this prefix, one row per patch (one
-        unpatched row without patches)."""
+        unpatched row without patches). `fold`: None folds the rows where it is exact."""
         rows, k = max(1, len(patches)), inputs["input_ids"].shape[1] - self.start
-        fold = rows > 1 and self._foldable(subject, inputs)
+        if fold is None:
+            fold = rows > 1 and self.fold_problem(subject) is None
         self._reset(rows=1 if fold else rows)
         suffix = {k_: v[:, self.start:] for k_, v in inputs.items()
                   if k_ in ("input_ids", "position_ids")}
@@ -165,7 +205,7 @@ class Prefix:
                                                   device=inputs["input_ids"].device)[None]
         if fold:
             kw = {name: v.repeat(1, rows) for name, v in suffix.items()}
-            kw["attention_mask"] = self._folded_mask(subject, rows, k)
+            kw["attention_mask"] = self.folded_masks(subject, inputs, rows, k)
             kw["logits_to_keep"] = torch.arange(k - 1, rows * k, k)
             hooks = [Patch(0, p.site, i * k + p.positions - self.start, p.values)
                      for i, p in enumerate(patches)]
@@ -178,54 +218,40 @@ class Prefix:
                      for i, p in enumerate(patches)]
         try:
             with patch(subject, hooks):
-                out = subject.model(**kw, **{cache_kwarg(subject): self.cache}, use_cache=True)
+                out = subject.model(**kw, **{subject.cache_kwarg: self.cache}, use_cache=True)
         finally:  # drop the suffix's keys and values, keep the prefix
             self._reset(rows=1)
         logits = out.logits
         return logits[0] if fold else logits[:, -1]
 
     def _reset(self, rows: int) -> None:
-        # Expanded views, not copies: every call starts from the same prefix.
-        for layer, keys, values, length in self.snapshot:
-            layer.keys = keys.expand(rows, *keys.shape[1:])
-            layer.values = values.expand(rows, *values.shape[1:])
-            if length is not None:
-                layer.cumulative_length = length
+        for kv in self.snapshot:
+            kv.restore(rows)
 
-    def _foldable(self, subject: Subject, inputs: dict) -> bool:
-        mask = inputs.get("attention_mask")
-        return (getattr(subject.text_config, "model_type", None) in FOLDABLE
-                and getattr(subject.base.config, "model_type", None) in FOLDABLE
-                and (mask is None or bool(mask.all()))  # no padding in the prompt
-                # every layer holds the whole prefix (no sliding window has dropped any)
-                and all(keys.shape[-2] == self.start for _, keys, _, _ in self.snapshot))
-
-    def _folded_mask(self, subject: Subject, rows: int, k: int) -> torch.Tensor:
-        """[1, 1, rows*k, start + rows*k] additive mask: the prefix, then causal within each
-        row's own block."""
-        n = rows * k
-        allowed = torch.zeros(n, self.start + n, dtype=torch.bool, device=subject.device)
-        allowed[:, :self.start] = True
-        block = torch.tril(torch.ones(k, k, dtype=torch.bool, device=subject.device))
-        allowed[:, self.start:] = torch.block_diag(*[block] * rows)
-        dtype = next(subject.model.parameters()).dtype
+    def folded_masks(self, subject: Subject, inputs: dict, rows: int, k: int):
+        """One `fold_mask` per layer kind, each sized to what that kind's cache layers hold:
+        a tensor when every layer is of one kind, else {kind: mask} (Gemma 3, Qwen2)."""
+        kinds = subject.layer_kinds
+        dtype = subject.base.get_input_embeddings().weight.dtype
         dtype = dtype if dtype.is_floating_point else torch.float32
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=subject.device)
-        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+        padding = inputs.get("attention_mask")
+        masks = {}
+        for kind in dict.fromkeys(kinds):
+            held = next(kv.held for kv, t in zip(self.snapshot, kinds) if t == kind)
+            window = subject.sliding_window if kind == "sliding_attention" else None
+            valid = None if padding is None else padding[0, self.start - held:]
+            masks[kind] = fold_mask(self.start, held, rows, k, window, valid, dtype,
+                                    subject.device)
+        return next(iter(masks.values())) if len(masks) == 1 else masks
 
     @classmethod
     def of(cls, cache, start: int) -> Prefix | None:
         """The prefix [0, start) of a whole prompt's cache; None when a layer has dropped
-        positions (a sliding window shorter than the prompt)."""
-        snapshot = []
-        for layer in cache.layers:
-            length = getattr(layer, "cumulative_length", None)
-            if length is not None and (not isinstance(length, int) or
-                                       layer.keys.shape[-2] != length):
-                return None
-            snapshot.append((layer, layer.keys[..., :start, :], layer.values[..., :start, :],
-                             None if length is None else start))
-        return cls(start, cache, snapshot)
+        positions (a sliding window shorter than the prompt) or is of an unknown kind."""
+        if families.cache_problem(cache):
+            return None
+        snapshot = families.kv_cut(cache, start)
+        return None if snapshot is None else cls(start, cache, snapshot)
 
 
 def run_prefix(subject: Subject, inputs: dict, start: int) -> Prefix:
@@ -233,36 +259,44 @@ def run_prefix(subject: Subject, inputs: dict, start: int) -> Prefix:
     why = cached_valid(subject, inputs, start)
     if why:
         raise MechloraError(f"the cached engine cannot run these patches exactly: {why}; "
-                            "use --engine batched")
+                            "use --engine batched (or auto)")
     prefix = {k: v[:, :start] for k, v in inputs.items() if k != "pixel_values"}
     if "pixel_values" in inputs:
         prefix.update(with_image_features(subject, {"pixel_values": inputs["pixel_values"]}))
     with choice_head(subject, [0]):  # the prefix's logits are never read
         out = subject.model(**prefix, use_cache=True, logits_to_keep=1)
     cache = getattr(out, "cache", None) or out.past_key_values
-    snapshot = [(layer, layer.keys, layer.values, getattr(layer, "cumulative_length", None))
-                for layer in cache.layers]
-    return Prefix(start, cache, snapshot)
+    why = families.cache_problem(cache)
+    if why:
+        raise MechloraError(f"the cached engine cannot run {subject.name}: {why}; "
+                            "use --engine batched (or auto)")
+    return Prefix(start, cache, families.kv_snapshot(cache))
 
 
 def run_cached(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids,
-               ref: int, max_rows: int = 256, prefix: Prefix | None = None) -> torch.Tensor:
+               ref: int, max_rows: int | None = None, max_bytes: int | None = None,
+               prefix: Prefix | None = None) -> torch.Tensor:
     """`prefix`: the recipient's own prefix from its clean run, reused instead of rerun."""
     start = patch_start(patches)
     if prefix is None or prefix.start != start:
         prefix = run_prefix(subject, inputs, start)
+    k = inputs["input_ids"].shape[1] - start
+    fold = len(patches) > 1 and prefix.fold_problem(subject) is None
+    cost = memory.TokenCost.of(subject)
+    if fold:
+        kinds = len(set(subject.layer_kinds))
+        size = memory.rows_per_forward(lambda r: memory.folded_rows(cost, r, start, k, kinds),
+                                       len(patches), max_bytes, max_rows)
+    else:
+        size = memory.rows_per_forward(lambda r: memory.unfolded_rows(cost, r, start, k),
+                                       len(patches), max_bytes, max_rows)
     margins = []
-    for lo, hi in _chunks(len(patches), max_rows):
+    for lo, hi in memory.chunks(len(patches), size):
         with choice_head(subject, answer_ids) as cols:
-            margins.append(margin(prefix.continue_with(subject, inputs, patches[lo:hi]), cols,
-                                  ref))
+            logits = prefix.continue_with(subject, inputs, patches[lo:hi],
+                                          fold=fold and hi - lo > 1)
+            margins.append(margin(logits, cols, ref))
     return torch.cat(margins)
-
-
-def cache_kwarg(subject: Subject) -> str:
-    """transformers 5.x renamed `past_key_values` to `cache` in some models, not all."""
-    params = inspect.signature(subject.base.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _bridge(name: str):
@@ -284,6 +318,6 @@ def choose_engine(engine: str, subject: Subject, inputs: dict,
         raise MechloraError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}")
     if engine != "auto":
         return engine
-    if not patches:
-        return "cached"
+    if not patches or not subject.family.cached:
+        return "batched"  # the cached engine is picked only where it is tested exact
     return "cached" if cached_valid(subject, inputs, patch_start(patches)) is None else "batched"

@@ -149,3 +149,32 @@ def test_bridge_mistakes_are_clear(models):
         subject_from_bridge(models["text"].model)
     with pytest.raises(MechloraError, match="processor"):
         boot_bridge(models["text"].model)
+
+
+def test_nnsight_engine_leaves_the_model_as_it_was(pairs):
+    """NNsight(model) puts a controller into every module's forward and keeps its state on
+    the module; after the engine ran, modules, hooks and forwards are as they were (a user's
+    own hook and instance forward included)."""
+    model, tok = tiny_gemma3_text(seed=0, n_layers=2)
+    subject = wrap(model, tok)
+    handle = subject.layers[0].register_forward_hook(lambda module, args, out: None)
+    mlp = subject.mlp(1)
+    own = mlp.forward  # a bound method set on the instance, as some libraries do
+    mlp.forward = own
+
+    def state():
+        return {name: (type(m), sorted(m.__dict__), m.__dict__.get("forward"),
+                       dict(m._forward_hooks), dict(m._forward_pre_hooks))
+                for name, m in model.named_modules()}
+
+    before = state()
+    inputs = subject.encode(["Is there fluid?"])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    for _ in range(2):
+        localize(subject, pairs, engine="nnsight", **KW)
+        assert state() == before
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, logits, rtol=0, atol=0)
+    assert not any("__nnsight__" in m.__dict__ for m in model.modules())
+    handle.remove()

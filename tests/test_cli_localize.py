@@ -46,7 +46,7 @@ def test_no_logit_lens_records_the_cosine_divergence_only(tmp_path, small_pairs,
 
     out = tmp_path / "loc"
     code, _, _ = run(["localize", "--model", "tiny-gemma3-text", "--pairs", str(small_pairs),
-                      "--out", str(out), "--max-pairs-per-group", "1", "--min-delta", "0",
+                      "--out", str(out), "--max-pairs-per-group", "1", "--min-delta", "1e-6",
                       "--no-logit-lens", "--quiet"], capsys)
     assert code in (0, None)
     result = LocalizationResult.load(out)
@@ -82,3 +82,21 @@ def test_bad_data_line_is_named(tmp_path, capsys):
     code, _, err = run(["localize", "--model", "tiny-gemma3-text", "--pairs", str(bad),
                         "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "bad.jsonl:2" in err
+
+
+def test_help_says_what_each_engine_costs(capsys):
+    code, out, _ = run(["localize", "--help"], capsys)
+    assert code in (0, None)
+    text = " ".join(out.split())
+    assert "deep copy" in text and "--max-bytes" in text and "bidirectional" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-delta", "0"], "min_delta must be a positive"),
+    (["--max-bytes", "lots"], "--max-bytes 'lots' is not a size"),
+    (["--max-rows", "0"], "max_rows must be at least 1"),
+])
+def test_limits_fail_before_the_model_loads(tmp_path, small_pairs, capsys, args, message):
+    code, _, err = run(["localize", "--model", "/no/such/model", "--pairs", str(small_pairs),
+                        "--out", str(tmp_path / "o")] + args, capsys)
+    assert code == 2 and message in err and "Traceback" not in err

@@ -6,21 +6,24 @@ hook sites: the decoder layer's output (resid), the attention module's output[0]
 the MLP's output (mlp). Inside a trace, modules must be reached in execution order, so the
 sites are visited layer by layer, attention before MLP before the layer's output.
 
-`NNsight(model)` instruments the model's modules in place (they run as before outside a
-trace); the wrapper is made once per model and reused.
+`NNsight(model)` instruments the model in place: it puts a controller in every module's
+instance `forward` and its state in `module.__nnsight__`, and leaves them there. The engine
+wraps the model for one call only (`traced`) and then puts every module back as it was, so
+your model leaves a sweep exactly as it came (tests/test_bridges.py checks modules, hooks and
+forwards).
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from mechlora.models.subject import Subject
-from mechlora.patching import SitePatch, margin, repeat_inputs
+from mechlora.patching import SitePatch, margin, prompt_chunks, repeat_inputs
 from mechlora.probes import Site, site_module
 
 if TYPE_CHECKING:
@@ -28,16 +31,29 @@ if TYPE_CHECKING:
 
 ORDER = {"attn": 0, "mlp": 1, "resid": 2}
 
-_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# What nnsight writes into a module's __dict__ (nnsight.intervention.source: the controller
+# forward and STATE); restored or removed after each call.
+_INSTRUMENTED = ("forward", "__nnsight__")
+_ABSENT = object()
 
 
-def traced(model: nn.Module) -> NNsight:
-    """The `nnsight.NNsight` wrapper of `model` (made once per model)."""
+@contextmanager
+def traced(model: nn.Module) -> Iterator[NNsight]:
+    """`nnsight.NNsight(model)` for the block inside; afterwards every module's instance
+    attributes that nnsight sets are put back as they were (removed where it added them)."""
     from nnsight import NNsight
 
-    if model not in _TRACED:
-        _TRACED[model] = NNsight(model)
-    return _TRACED[model]
+    saved = [(module, {name: module.__dict__.get(name, _ABSENT) for name in _INSTRUMENTED})
+             for module in model.modules()]
+    try:
+        yield NNsight(model)
+    finally:
+        for module, attrs in saved:
+            for name, value in attrs.items():
+                if value is _ABSENT:
+                    module.__dict__.pop(name, None)
+                else:
+                    module.__dict__[name] = value
 
 
 def envoy_path(subject: Subject, site: Site) -> str:
@@ -57,31 +73,36 @@ def envoy_at(root: NNsight, path: str):
 
 
 def run_nnsight(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids,
-                ref: int, max_rows: int = 64) -> torch.Tensor:
-    model = traced(subject.model)
+                ref: int, max_rows: int | None = None, max_bytes: int | None = None
+                ) -> torch.Tensor:
     paths = {p.site: envoy_path(subject, p.site) for p in patches}
-    step = max_rows if max_rows > 0 else len(patches)
     margins = []
-    for lo in range(0, len(patches), step):
-        chunk = patches[lo:lo + step]
-        groups: dict[Site, list[tuple[int, SitePatch]]] = {}
-        for i, p in enumerate(chunk):
-            groups.setdefault(p.site, []).append((i, p))
-        order = sorted(groups, key=lambda s: (s.layer, ORDER[s.component]))
-        rows = repeat_inputs(subject, inputs, len(chunk))
-        with model.trace(**rows, logits_to_keep=1, use_cache=False):
-            for site in order:
-                group = groups[site]
-                idx = torch.tensor([i for i, _ in group])[:, None]
-                pos = torch.stack([p.positions for _, p in group])
-                vals = torch.stack([p.values for _, p in group])
-                envoy = envoy_at(model, paths[site])
-                out = envoy.output
-                # Attention modules return (hidden, weights); decoder layers a plain tensor.
-                hidden = out[0] if isinstance(out, tuple) else out
-                new = hidden.clone()
-                new[idx.to(new.device), pos.to(new.device)] = vals.to(new.device, new.dtype)
-                envoy.output = (new, *out[1:]) if isinstance(out, tuple) else new
-            logits = model.output.logits[:, -1].save()
-        margins.append(margin(logits, answer_ids, ref))
+    with traced(subject.model) as model:
+        for lo, hi in prompt_chunks(subject, inputs, len(patches), max_rows, max_bytes):
+            margins.append(_step(model, subject, inputs, patches[lo:hi], paths, answer_ids, ref))
     return torch.cat(margins)
+
+
+def _step(model: NNsight, subject: Subject, inputs: dict, chunk: Sequence[SitePatch],
+          paths: dict, answer_ids, ref: int) -> torch.Tensor:
+    """One trace: the recipient as rows, row i patched at `chunk[i]`'s site."""
+    groups: dict[Site, list[tuple[int, SitePatch]]] = {}
+    for i, p in enumerate(chunk):
+        groups.setdefault(p.site, []).append((i, p))
+    order = sorted(groups, key=lambda s: (s.layer, ORDER[s.component]))
+    rows = repeat_inputs(subject, inputs, len(chunk))
+    with model.trace(**rows, logits_to_keep=1, use_cache=False):
+        for site in order:
+            group = groups[site]
+            idx = torch.tensor([i for i, _ in group])[:, None]
+            pos = torch.stack([p.positions for _, p in group])
+            vals = torch.stack([p.values for _, p in group])
+            envoy = envoy_at(model, paths[site])
+            out = envoy.output
+            # Attention modules return (hidden, weights); decoder layers a plain tensor.
+            hidden = out[0] if isinstance(out, tuple) else out
+            new = hidden.clone()
+            new[idx.to(new.device), pos.to(new.device)] = vals.to(new.device, new.dtype)
+            envoy.output = (new, *out[1:]) if isinstance(out, tuple) else new
+        logits = model.output.logits[:, -1].save()
+    return margin(logits, answer_ids, ref)

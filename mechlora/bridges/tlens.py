@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import shutil
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from torch import nn
 from mechlora.bridges import is_bridge
 from mechlora.errors import MechloraError
 from mechlora.models.subject import Subject
-from mechlora.patching import SitePatch, margin, repeat_inputs
+from mechlora.patching import SitePatch, margin, prompt_chunks, repeat_inputs
 from mechlora.probes import Site
 
 if TYPE_CHECKING:
@@ -81,7 +82,8 @@ def boot_bridge(model: nn.Module | Subject, processor: Any = None) -> Transforme
     if callable(getattr(model, "get_base_model", None)):
         raise MechloraError("TransformerLens cannot bridge a PEFT model; merge the adapter "
                             "first (model = model.merge_and_unload()) or use another engine")
-    model = copy.deepcopy(model)
+    with torch.inference_mode(False):  # a copy made in a sweep must not be inference tensors
+        model = copy.deepcopy(model)
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     folder = tempfile.mkdtemp(prefix="mechlora-bridge-")
@@ -137,6 +139,11 @@ def bridged_subject(subject: Subject) -> Subject:
     version = _weights_version(subject.model)
     cached = _BOOTED.get(subject.model)
     if cached is None or cached[0] != version:
+        size = sum(p.numel() * p.element_size() for p in subject.model.parameters())
+        warnings.warn(f"engine tlens: TransformerLens rewrites a model in place, so mechlora "
+                      f"boots its bridge on a deep copy of {subject.name} ({size / 1e9:.2f} GB "
+                      "more memory); pass a TransformerBridge you booted to localize to avoid "
+                      "the copy, or use engine cached/batched/nnsight", stacklevel=3)
         bridge = boot_bridge(subject.model, subject.processor)
         cached = (version, subject_from_bridge(bridge, subject.processor, name=subject.name))
         _BOOTED[subject.model] = cached
@@ -156,14 +163,15 @@ def _writer(group: list[tuple[int, SitePatch]]):
 
 
 def run_tlens(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids,
-              ref: int, max_rows: int = 64) -> torch.Tensor:
+              ref: int, max_rows: int | None = None, max_bytes: int | None = None
+              ) -> torch.Tensor:
     """Engine "tlens": the recipient as rows of `bridge.run_with_hooks`, row i patched at
-    site i through its TransformerLens hook point."""
+    site i through its TransformerLens hook point. On a plain model this boots a bridge over
+    a deep copy (warned, with its size): TransformerLens rewrites models in place."""
     bs = bridged_subject(subject)
-    step = max_rows if max_rows > 0 else len(patches)
     margins = []
-    for lo in range(0, len(patches), step):
-        chunk = patches[lo:lo + step]
+    for lo, hi in prompt_chunks(bs, inputs, len(patches), max_rows, max_bytes):
+        chunk = patches[lo:hi]
         rows = repeat_inputs(bs, inputs, len(chunk))
         by_name: dict[str, list[tuple[int, SitePatch]]] = {}
         for i, p in enumerate(chunk):

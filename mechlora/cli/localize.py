@@ -21,19 +21,29 @@ def localize(
                                "Default: the bundled example."),
     out: Path = typer.Option(Path("runs/localize"), "--out", "-o", help="Output folder."),
     sites: str = typer.Option(",".join(COMPONENTS), help="Components to patch: resid,attn,mlp."),
-    positions: str = typer.Option("last", help="last | suffix:K | image"),
-    engine: str = typer.Option("auto", help="auto | cached | batched | full | nnsight | tlens "
-                               "(all exact) | attribution (gradient estimate)."),
+    positions: str = typer.Option(
+        "last", help="last | suffix:K | image. suffix:K must stay within the tokens both "
+        "prompts share (the chat template's end); image needs the image after the question "
+        "(before it, causal attention makes the activations identical: refused)."),
+    engine: str = typer.Option(
+        "auto", help="auto (the fastest engine exact for this model) | cached | batched | full "
+        "| nnsight | tlens (all exact; cached refuses bidirectional prompt attention; tlens "
+        "boots TransformerLens on a deep copy of the model: twice the weights' memory) | "
+        "attribution (gradient estimate)."),
     verify_top: int = typer.Option(0, "--verify-top", help="With --engine attribution: re-run "
                                    "the K strongest sites exactly; report the rank correlation."),
     only_flips: bool = typer.Option(False, "--only-flips",
                                     help="Keep only pairs whose predicted answers differ."),
     max_pairs_per_group: int = typer.Option(None, help="Cap the ordered pairs per question."),
     min_delta: float = typer.Option(
-        0.25, help="Exclude pairs with |m(a)-m(b)| below this many logits: r divides by it."),
-    max_rows: int = typer.Option(None, help="Patched rows per forward, the memory bound "
-                                 "(default: 1024 single-token rows for the cached engine, 128 "
-                                 "whole-prompt rows for the others)."),
+        0.25, help="Exclude pairs with |m(a)-m(b)| below this many logits (> 0): r divides "
+        "by it."),
+    max_bytes: str = typer.Option(
+        "4GiB", help="Memory bound of each patched forward, estimated from the model's sizes "
+        "(e.g. 2GiB, 500MB, 1e9); the default fits MedGemma-4B on a 24 GB GPU "
+        "(docs/memory.md). Results do not depend on it."),
+    max_rows: int = typer.Option(None, help="Also cap the patched rows per forward "
+                                 "(default: only --max-bytes bounds them)."),
     logit_lens: bool = typer.Option(True, help="Also record the per-layer logit-lens KL of "
                                     "the two clean runs (a full-vocabulary unembedding per "
                                     "layer: on CPU with a large vocabulary, much of the time)."),
@@ -56,12 +66,14 @@ def localize(
     """
     from mechlora.data import EXAMPLE_PATH, load_groups, make_pairs
     from mechlora.io import check_out_dir, prepare_out_dir
-    from mechlora.localize import distributed_state
+    from mechlora.localize import check_limits, distributed_state
     from mechlora.localize import localize as run
     from mechlora.models import load_model
     from mechlora.report.localize import write_localize_report
     from mechlora.select import select_layers
 
+    limit = parse_bytes(max_bytes)
+    check_limits(min_delta=min_delta, max_rows=max_rows, max_bytes=limit)  # before any work
     world = distributed_state()  # under `accelerate launch`, only the main process writes
     main_process = world is None or world.is_main_process
     groups = load_groups(pairs or EXAMPLE_PATH)
@@ -80,7 +92,7 @@ def localize(
                    f"pairs from {len(groups)} questions")
     result = run(subject, pair_list, components=[c.strip() for c in sites.split(",")],
                  positions=positions, engine=engine, only_flips=only_flips, min_delta=min_delta,
-                 max_rows=max_rows, progress=not quiet, verify_top=verify_top,
+                 max_rows=max_rows, max_bytes=limit, progress=not quiet, verify_top=verify_top,
                  logit_lens=logit_lens)
     selection = select_layers(result.scores, rule) if result.n_pairs else None
     if selection is not None:
@@ -100,3 +112,21 @@ def localize(
                    f"{check['spearman']:.2f} (site means), {check['spearman_pairs']:.2f} "
                    "(per pair)")
     typer.echo(f"wrote {out_dir}/localization.json, arrays.safetensors, report.html")
+
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '500MB', '1e9' -> bytes."""
+    from mechlora.errors import MechloraError
+
+    number = text.strip().rstrip("bBiIkKmMgGtT ")
+    unit = text.strip()[len(number):].strip().lower()
+    try:
+        value = float(number) * UNITS[unit]
+    except (ValueError, KeyError):
+        raise MechloraError(f"--max-bytes '{text}' is not a size; write e.g. 4GiB, 500MB or "
+                            "1e9") from None
+    return int(value)

@@ -7,6 +7,7 @@ unembedding) and turns a question (+ image) into model inputs. It never touches 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from mechlora.errors import DataError, MechloraError
+from mechlora.models import family as families
 
 # Dotted paths from the (unwrapped) HF model to its decoder-layer list, most specific first:
 # Gemma 3 / LLaVA VLMs, Llama-family decoders (Llama, Qwen2, Mistral, Gemma 2/3), GPT-2, NeoX.
@@ -127,6 +129,69 @@ class Subject:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    # -- family facts (mechlora/models/family.py) ---------------------------------------------
+    @property
+    def family(self) -> families.Family:
+        return families.family_of(self.base.config)
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        """Each decoder layer's attention kind ("full_attention", "sliding_attention", ...)."""
+        return families.layer_kinds(self.text_config, self.n_layers)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the sliding-attention layers (None without any)."""
+        if "sliding_attention" not in self.layer_kinds:
+            return None
+        return getattr(self.text_config, "sliding_window", None)
+
+    @property
+    def attn_implementation(self) -> str:
+        """The language model's attention implementation (eager, sdpa, flash_attention_2...)."""
+        return getattr(self.text_config, "_attn_implementation", None) or "eager"
+
+    @property
+    def image_token_id(self) -> int | None:
+        return getattr(self.base.config, self.family.image_token_field, None)
+
+    @property
+    def cache_kwarg(self) -> str:
+        """transformers 5.x renamed `past_key_values` to `cache` in some models, not all."""
+        params = inspect.signature(self.base.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def prefix_cache_problem(self, inputs: dict, start: int) -> str | None:
+        """Why a KV cache of positions [0, `start`) of `inputs` cannot serve exact
+        continuations (None when it can): every cached key must be final before `start`."""
+        if start < 1:
+            return "a patch at position 0 leaves no prefix to cache"
+        why = families.bidirectional(self.text_config, self.family)
+        if why:
+            return f"{why}, so patching a later position changes earlier keys"
+        types = inputs.get("token_type_ids")
+        if self.family.image_block and types is not None and bool(types[0, start:].any()):
+            return ("image tokens come at or after the first patched position (their "
+                    "attention block is bidirectional)")
+        if not getattr(self.text_config, "use_cache", True):
+            return "the model does not support a KV cache"
+        return None
+
+    def fold_problem(self) -> str | None:
+        """Why the cached engine cannot fold patched rows into one sequence over a shared
+        prefix with its own masks (None when it can); it then runs one row per patch."""
+        family, impl = self.family, self.attn_implementation
+        if not family.fold:
+            return f"folding is not tested for {self.base.config.model_type} models"
+        if impl not in families.FOLD_ATTENTION:
+            return f"attention implementation {impl} does not take our masks as given"
+        kinds = set(self.layer_kinds)
+        if not kinds <= {"full_attention", "sliding_attention"}:
+            return f"layer kinds {', '.join(sorted(kinds))}"
+        if len(kinds) > 1 and not family.mask_by_layer_type:
+            return "the model takes one mask for all of its layer kinds"
+        return None
 
     # -- prompting --------------------------------------------------------------------------
     @property
