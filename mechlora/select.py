@@ -118,10 +118,16 @@ class Selection:
 
     @property
     def source(self) -> str | None:
-        """Where the scores came from, or the band's name for selectors without scores."""
-        if self.scores is not None:
+        """What chose the layers: a score source (grad, ...), a band (random, ...), "all" or
+        "explicit". Scores kept by a band or a spec are only the reference of its coverage."""
+        head = (self.selector or "").partition(":")[0]
+        if head in BANDS:
+            return head
+        if head in SCORE_SOURCES and self.scores is not None:
             return self.scores.source
-        return None if self.selector is None else self.selector.split(":", 1)[0]
+        if self.selector is None:
+            return None
+        return "all" if self.rule == "all" else "explicit"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document written as selection.json (schema in docs/select.md)."""
@@ -152,6 +158,8 @@ class Selection:
             raise MechloraError(f"{where}: field {e.args[0]!r} is missing") from None
         except MechloraError as e:
             raise MechloraError(f"{where}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise MechloraError(f"{where}: a field has the wrong type ({e})") from None
         if scores is not None and scores.n_layers != spec.n_layers:
             raise MechloraError(f"{where}: {scores.n_layers} scores for a model of "
                                 f"{spec.n_layers} layers")

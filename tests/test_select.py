@@ -376,6 +376,7 @@ def test_selection_round_trips_through_json(tmp_path) -> None:
     (lambda d: d.pop("rule"), "field 'rule' is missing"),
     (lambda d: d.update(spec="30-40"), "numbered 0-33"),
     (lambda d: d["scores"].update(values=[1.0, 2.0]), "2 scores for a model of 34 layers"),
+    (lambda d: d["scores"].update(values="ab"), "wrong type"),
 ])
 def test_bad_selection_files(tmp_path, edit, fragment: str) -> None:
     doc = select_layers(Scores("bi", MEDGEMMA_LIKE), "topk:3").to_dict()
@@ -416,3 +417,13 @@ def test_load_selection_from_localization_folders(tmp_path) -> None:
         band_layers("random", 3, 34).spec)
     with pytest.raises(MechloraError, match="neither a selection.json nor a localization.json"):
         load_selection(tmp_path)
+
+
+def test_selection_source_names_what_chose_the_layers() -> None:
+    loc = Scores("localization", MEDGEMMA_LIKE)
+    assert apply_selector("grad:2", Scores("grad", MEDGEMMA_LIKE)).source == "grad"
+    assert apply_selector("window:5", loc).source == "localization"
+    assert apply_selector("random:3", loc).source == "random"  # loc only measures coverage
+    assert apply_selector("all", loc).source == "all"
+    assert apply_selector("15-19", None, 34).source == "explicit"
+    assert select_layers(MEDGEMMA_LIKE, "window:5").source is None  # bare arrays: unknown
