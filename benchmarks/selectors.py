@@ -116,7 +116,7 @@ def bench(name: str, n_groups: int, tiny: bool) -> list[dict]:
     # grad reads the gradient through LoRA's seeded random A: how much does the seed move it?
     other = grad_scores(subject, groups, seed=1, progress=False).values
     first = runs["grad"][0].values
-    seed_check = {"spearman": spearman(first, other),
+    seed_check = {**runs["grad"][0].settings["loss_at_init"], "spearman": spearman(first, other),
                   "max_rel_diff": float(np.max(np.abs(first - other) / np.abs(first).max())),
                   "same_topk": str(select_layers(first, f"topk:{k}").spec) ==
                   str(select_layers(other, f"topk:{k}").spec)}
@@ -130,7 +130,8 @@ def bench(name: str, n_groups: int, tiny: bool) -> list[dict]:
             "forward_calls": calls[label][0], "tokens": calls[label][1],
             "backwards": int(scores.cost.get("backwards", 0)), "rule": rule, "spec": spec,
             "spearman_vs_localization": spearman(scores.values, reference),
-            "one_forward_s": unit, "grad_seed_0_vs_1": seed_check if label == "grad" else None})
+            "one_forward_s": unit, "grad_seed_0_vs_1": seed_check if label == "grad" else None,
+            "scores": [round(float(v), 4) for v in np.nan_to_num(scores.values)]})
     return rows
 
 
@@ -150,17 +151,33 @@ def snr_medgemma_shapes() -> str:
     lines, per_layer = [], 0.0
     for names, (shape, count) in shapes.items():
         w = (torch.randn(*shape) * 0.02).to(torch.bfloat16)
+        before = _reset_peak()
         t0 = time.perf_counter()
         matrix_snr(w)
         secs = time.perf_counter() - t0
+        extra = _memory_mb("VmHWM") - before
         per_layer += count * secs
-        lines.append(f"| {names} | {shape[0]} x {shape[1]} | {secs:.1f} |")
+        lines.append(f"| {names} | {shape[0]} x {shape[1]} | {secs:.1f} | {extra:.0f} |")
     n = MEDGEMMA_4B_TEXT["num_hidden_layers"]
     total = f"{per_layer * n / 60:.0f} min"
-    return "\n".join(["| MedGemma-4B matrices | shape | s per matrix (float32 SVD, CPU) |",
-                      "|---|---|---|", *lines,
-                      f"| **per layer** (7 matrices) | | **{per_layer:.0f}** |",
-                      f"| **all {n} layers** (238 matrices) | | **{total}** |"])
+    return "\n".join(["| MedGemma-4B matrices | shape | s per matrix (float32 SVD, CPU) | "
+                      "resident memory growth, MB |",
+                      "|---|---|---|---|", *lines,
+                      f"| **per layer** (7 matrices) | | **{per_layer:.0f}** | |",
+                      f"| **all {n} layers** (238 matrices) | | **{total}** | |"])
+
+
+def _memory_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MB (Linux)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
+def _reset_peak() -> float:
+    """Reset the peak resident memory to the current one (Linux); the current one, in MB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _memory_mb("VmRSS")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -193,10 +210,12 @@ def main() -> None:
     print(f"machine: {machine()}; command: `{COMMAND}{argv}`; one forward = one plain "
           f"forward of one prompt, timed in the same run\n")
     print(markdown(rows))
+    print()
     for r in rows:
         if r["grad_seed_0_vs_1"]:
             check = r["grad_seed_0_vs_1"]
-            print(f"\ngrad on {r['model']}, LoRA seed 0 vs 1: Spearman {check['spearman']:.2f}, "
+            print(f"- grad on {r['model']}: loss at init CE {check['ce']:.2f}, KL "
+                  f"{check['kl']:.2f}; LoRA seed 0 vs 1: Spearman {check['spearman']:.2f}, "
                   f"largest difference {check['max_rel_diff']:.0%} of the top score, same "
                   f"top-k: {'yes' if check['same_topk'] else 'no'}")
     if not args.tiny:

@@ -55,6 +55,8 @@ def grad_scores(subject: Subject, pairs: PairsLike, *, batch_size: int = 8, r: i
     gradients, scale * dL/dW @ A^T: the full weight gradient seen through the seeded random A.
     The LoRA is removed afterwards; the model is left as it was (weights, trainable flags,
     train/eval modes, RNG state). Groups give every unordered pair of their wordings.
+    `settings["loss_at_init"]` records the mean CE and KL: when CE dwarfs KL, the gradient
+    mostly says where the model can learn the answer tokens, not where the wordings diverge.
     """
     subject = _weighted(subject, "grad")
     pair_list, data = _pairs(pairs)
@@ -63,6 +65,7 @@ def grad_scores(subject: Subject, pairs: PairsLike, *, batch_size: int = 8, r: i
     batcher = Batcher(subject)
     t0 = time.perf_counter()
     forwards = 0
+    sums = torch.zeros(2, dtype=torch.float64)  # CE and KL over the pairs, for the record
     with _lora_on_every_layer(subject, modules, r, alpha, seed) as adapters:
         starts = range(0, len(pair_list), batch_size)
         for start in tqdm(starts, desc="grad", unit="batch", disable=not progress):
@@ -77,6 +80,7 @@ def grad_scores(subject: Subject, pairs: PairsLike, *, batch_size: int = 8, r: i
                                      kl_weight=kl_weight, temperature=kl_temperature,
                                      kl_over=kl_over)
             (terms.loss.sum() / len(pair_list)).backward()
+            sums += torch.stack([terms.ce.sum(), terms.kl.sum()]).detach().double().cpu()
             forwards += 1
         squares: dict[str, np.ndarray] = {}
         for layer, name, module in adapters:
@@ -90,7 +94,8 @@ def grad_scores(subject: Subject, pairs: PairsLike, *, batch_size: int = 8, r: i
         "pairs)", subject.name,
         {"data": data, "batch_size": batch_size, "r": r, "alpha": alpha, "modules": list(modules),
          "seed": seed, "kl_weight": kl_weight, "kl_temperature": kl_temperature,
-         "kl_over": kl_over},
+         "kl_over": kl_over,
+         "loss_at_init": dict(zip(("ce", "kl"), (sums / len(pair_list)).tolist()))},
         {"seconds": time.perf_counter() - t0, "forwards": forwards, "backwards": forwards,
          "rows": 2 * len(pair_list)},
         {name: np.sqrt(sq) for name, sq in squares.items()})

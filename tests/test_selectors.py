@@ -103,6 +103,9 @@ def test_grad_equals_the_weight_gradient_seen_through_lora_a() -> None:
         assert scores.details[name][layer] == pytest.approx(expected, rel=1e-4)
     total = np.sqrt(sum(scores.details[name] ** 2 for name in scores.details))
     np.testing.assert_allclose(scores.values, total)
+    terms = consistency_loss(logits[:n], logits[n:], answer, choices)
+    assert scores.settings["loss_at_init"] == pytest.approx(
+        {"ce": float(terms.ce.mean()), "kl": float(terms.kl.mean())}, rel=1e-5)
 
 
 def test_grad_leaves_the_model_as_it_was() -> None:

@@ -379,6 +379,14 @@ def test_medgemma_all_layers_matched_to_the_window_exactly(medgemma) -> None:
         4_382_720
 
 
+def test_matched_count_on_the_medgemma_preset() -> None:
+    from mechlora.models.presets import medgemma_4b
+
+    model, _ = medgemma_4b()  # meta device, bf16: shapes only
+    match = match_ranks(model, LayerSpec.all(34), LayerSpec.parse("15-19", 34), GEMMA_LAYERS)
+    assert (match.trainable, match.target, match.difference) == (4_382_720, 4_382_720, 0)
+
+
 @pytest.mark.parametrize("spec, reference", [("15-19", "all"), ("0-9", "15-19"), ("3", "0-1"),
                                              ("0,10,20,30", "15-19"), ("all", "0-2")])
 def test_medgemma_matches_within_one_rank_step(medgemma, spec: str, reference: str) -> None:
