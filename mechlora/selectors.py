@@ -45,8 +45,9 @@ PairsLike = str | Path | Sequence[QuestionGroup] | Sequence[Pair]
 
 def grad_scores(subject: Subject, pairs: PairsLike, *, batch_size: int = 8, r: int = DEFAULT_R,
                 alpha: float = DEFAULT_ALPHA, modules: Sequence[str] = DEFAULT_MODULES,
-                seed: int = 0, kl_weight: float = 1.0, kl_temperature: float = 1.0,
-                kl_over: str = "vocab", progress: bool = True) -> Scores:
+                seed: int = 0, pairs_per_group: int | None = 1, kl_weight: float = 1.0,
+                kl_temperature: float = 1.0, kl_over: str = "vocab",
+                progress: bool = True) -> Scores:
     """Per-layer norm of the loss gradient on LoRA (rank `r`) added to every layer, at init.
 
     The loss is the training recipe's (`mechlora.loss.consistency_loss`, mean over `pairs`),
@@ -54,12 +55,13 @@ def grad_scores(subject: Subject, pairs: PairsLike, *, batch_size: int = 8, r: i
     initialisation sets B = 0, so the gradient on A is 0 and a layer's norm is that of its B
     gradients, scale * dL/dW @ A^T: the full weight gradient seen through the seeded random A.
     The LoRA is removed afterwards; the model is left as it was (weights, trainable flags,
-    train/eval modes, RNG state). Groups give every unordered pair of their wordings.
+    train/eval modes, RNG state). From question groups, `pairs_per_group` unordered pairs of
+    wordings are drawn per group (seeded by `seed`; None: all), as a training epoch draws one.
     `settings["loss_at_init"]` records the mean CE and KL: when CE dwarfs KL, the gradient
     mostly says where the model can learn the answer tokens, not where the wordings diverge.
     """
     subject = _weighted(subject, "grad")
-    pair_list, data = _pairs(pairs)
+    pair_list, data = _pairs(pairs, pairs_per_group, seed)
     if batch_size < 1:
         raise MechloraError(f"batch_size must be at least 1 pair, got {batch_size}")
     batcher = Batcher(subject)
@@ -230,15 +232,16 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def bi_scores(subject: Subject, pairs: PairsLike, *, batch_size: int = 16,
-              progress: bool = True) -> Scores:
+              pairs_per_group: int | None = 1, seed: int = 0, progress: bool = True) -> Scores:
     """Block influence: 1 - cos(layer input, layer output) at the last prompt position.
 
-    Averaged over every prompt (each wording of each pair's question, once), `batch_size`
-    prompts per forward. A layer that leaves the residual stream's direction unchanged scores
+    Averaged over the prompts of the pairs (each wording once; from question groups,
+    `pairs_per_group` seeded pairs per group as in `grad_scores`), `batch_size` prompts per
+    forward. A layer that leaves the residual stream's direction unchanged scores
     0; ShortGPT prunes the lowest, so the highest are the layers that change the stream most.
     """
     subject = _weighted(subject, "bi")
-    pair_list, data = _pairs(pairs)
+    pair_list, data = _pairs(pairs, pairs_per_group, seed)
     if batch_size < 1:
         raise MechloraError(f"batch_size must be at least 1 prompt, got {batch_size}")
     rows = list(dict.fromkeys((p.group, v) for p in pair_list for v in (p.a, p.b)))
@@ -276,7 +279,8 @@ def bi_scores(subject: Subject, pairs: PairsLike, *, batch_size: int = 16,
     return Scores(
         "bi", (total / len(rows)).numpy(),
         f"bi (block influence, 1 - cos of each layer's input and output at the last position, "
-        f"{len(rows)} prompts)", subject.name, {"data": data, "batch_size": batch_size},
+        f"{len(rows)} prompts)", subject.name,
+        {"data": data, "batch_size": batch_size, "seed": seed},
         {"seconds": time.perf_counter() - t0, "forwards": forwards, "backwards": 0,
          "rows": len(rows)})
 
@@ -311,14 +315,15 @@ def choose_layers(selector: str, subject: Subject | None = None, pairs: PairsLik
     """The selection `selector` makes (e.g. "grad:5", "snr:window:5", "random:5", "15-19").
 
     Scores the selector reads are computed on `subject` (and `pairs`) unless given as
-    `scores`; `seed` draws random selections and initialises grad's LoRA. Bands, `all` and
-    specs need only the number of layers; `scores` given to them add coverage to the reason.
+    `scores`; `seed` draws random selections, grad's and bi's pairs and grad's LoRA. Bands,
+    `all` and specs need only the number of layers; `scores` given to them add coverage to the
+    reason.
     """
     source, _ = parse_selector(selector)
     if source is not None and scores is None:
         if subject is None:
             raise MechloraError(f"{selector!r} needs {source} scores: give a model (and pairs)")
-        if source == "grad":
+        if source in ("grad", "bi"):
             options.setdefault("seed", seed)
         scores = compute_scores(source, subject, pairs, progress=progress, **options)
     n_layers = subject.n_layers if subject is not None else None
@@ -361,12 +366,15 @@ def _targets(subject: Subject, modules: Sequence[str]) -> list[dict[str, nn.Modu
     return out
 
 
-def _pairs(pairs: PairsLike) -> tuple[list[Pair], dict[str, Any]]:
-    """Pairs (groups give every unordered pair of their wordings) and what data they came from."""
+def _pairs(pairs: PairsLike, per_group: int | None, seed: int
+           ) -> tuple[list[Pair], dict[str, Any]]:
+    """Pairs, and what data they came from. Groups give `per_group` seeded unordered pairs of
+    their wordings each (None: all of them); Pairs are used as given."""
     path = str(pairs) if isinstance(pairs, (str, Path)) else None
     items = load_groups(pairs) if path is not None else list(pairs)
     if items and isinstance(items[0], QuestionGroup):
-        pair_list = make_pairs(items, both_directions=False)
+        pair_list = make_pairs(items, max_pairs_per_group=per_group, both_directions=False,
+                               seed=seed)
     else:
         pair_list = items
     if not pair_list or not all(isinstance(p, Pair) for p in pair_list):
@@ -374,4 +382,4 @@ def _pairs(pairs: PairsLike) -> tuple[list[Pair], dict[str, Any]]:
                             "more wordings each, or Pairs")
     groups = list(dict.fromkeys(p.group for p in pair_list))
     return pair_list, {"path": path, "n_pairs": len(pair_list), "n_groups": len(groups),
-                       "sha256": data_hash(groups)}
+                       "pairs_per_group": per_group, "sha256": data_hash(groups)}

@@ -281,3 +281,18 @@ def test_tiny_vlm_bi_runs_on_images() -> None:
 
     scores = bi_scores(wrap(model, processor), load_groups(EXAMPLE_PATH)[:2], progress=False)
     assert scores.values.shape == (3,) and np.all(scores.values > 0)
+
+
+def test_groups_give_seeded_pairs_per_group() -> None:
+    subject = text_subject(n_layers=2)
+    wide = [QuestionGroup(id=f"w{i}", variants=tuple(Variant(f"{w} {i}?") for w in
+                                                      ("is it", "would it be", "can it be")),
+                          answer="yes") for i in range(4)]
+    one = bi_scores(subject, wide, progress=False)
+    assert one.settings["data"]["n_pairs"] == 4 and one.cost["rows"] == 8
+    every = bi_scores(subject, wide, pairs_per_group=None, progress=False)
+    assert every.settings["data"]["n_pairs"] == 12 and every.cost["rows"] == 12
+    picks = {tuple(bi_scores(subject, wide, seed=s, progress=False).values) for s in range(4)}
+    assert len(picks) > 1  # the seed draws other pairs
+    grad = grad_scores(subject, wide, pairs_per_group=2, seed=3, progress=False)
+    assert grad.settings["data"]["n_pairs"] == 8 and grad.cost["rows"] == 16

@@ -33,6 +33,9 @@ def select(
     seed: int = typer.Option(0, help="Seed of random:K / randband:K and of grad's LoRA init."),
     batch_size: int = typer.Option(None, help="Pairs (grad, default 8) or prompts (bi, default "
                                    "16) per forward."),
+    pairs_per_group: int = typer.Option(1, help="grad and bi: seeded pairs of wordings drawn per "
+                                        "question group, as a training epoch draws one (0: "
+                                        "every pair)."),
     r: int = typer.Option(DEFAULT_R, "--r", help="LoRA rank of the grad probe (the recipe's)."),
     modules: str = typer.Option(",".join(DEFAULT_MODULES), help="Projections grad and snr read, "
                                 "comma separated."),
@@ -69,8 +72,8 @@ def select(
                                 "--model with --scores or a band such as --rule early:5")
         selector = _selector(scores, rule)
         needs, _ = parse_selector(selector)
-        selection = _compute(selector, needs, model, pairs, seed, batch_size, r, modules, dtype,
-                             device, trust_remote_code, quiet)
+        selection = _compute(selector, needs, model, pairs, seed, batch_size, pairs_per_group,
+                             r, modules, dtype, device, trust_remote_code, quiet)
     typer.echo(str(selection.spec))
     typer.echo(selection.reason)
     if target is not None:
@@ -101,8 +104,8 @@ def _selector(scores: str | None, rule: str | None) -> str:
     return selector
 
 
-def _compute(selector, needs, model, pairs, seed, batch_size, r, modules, dtype, device,
-             trust_remote_code, quiet):
+def _compute(selector, needs, model, pairs, seed, batch_size, pairs_per_group, r, modules,
+             dtype, device, trust_remote_code, quiet):
     from mechlora.errors import MechloraError
     from mechlora.models import load_model
     from mechlora.selectors import choose_layers
@@ -113,8 +116,12 @@ def _compute(selector, needs, model, pairs, seed, batch_size, r, modules, dtype,
     names = tuple(m.strip() for m in modules.split(",") if m.strip())
     options = {"grad": dict(r=r, modules=names), "snr": dict(modules=names), "bi": {},
                "localization": {}}.get(needs, {})
-    if batch_size is not None and needs in ("grad", "bi"):
-        options["batch_size"] = batch_size
+    if pairs_per_group < 0:
+        raise MechloraError("--pairs-per-group must be 0 (every pair) or more")
+    if needs in ("grad", "bi"):
+        options["pairs_per_group"] = pairs_per_group or None
+        if batch_size is not None:
+            options["batch_size"] = batch_size
     return choose_layers(selector, subject, pairs, seed=seed, progress=not quiet, **options)
 
 
