@@ -30,7 +30,8 @@ def select(
                                "docs/data.md) for grad, bi and localization scores."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the selection here: a .json file, "
                              "or a folder that gets selection.json."),
-    seed: int = typer.Option(0, help="Seed of random:K / randband:K and of grad's LoRA init."),
+    seed: int = typer.Option(0, help="Seed of random:K / randband:K, of the pairs grad and bi "
+                             "draw, and of grad's LoRA init."),
     batch_size: int = typer.Option(None, help="Pairs (grad, default 8) or prompts (bi, default "
                                    "16) per forward."),
     pairs_per_group: int = typer.Option(1, help="grad and bi: seeded pairs of wordings drawn per "
