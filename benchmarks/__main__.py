@@ -31,6 +31,8 @@ BENCHMARKS = [
      "benchmarks.features", ["--threads", "1"], ["--quick", "--threads", "1"]),
     ("Train: pairs/s and peak memory, layers 15-19 vs all, naive vs batched",
      "benchmarks.train", ["--steps", "5", "--threads", "1"], ["--steps", "1", "--threads", "1"]),
+    ("Selectors: grad, snr and bi beside a localization of the same pairs",
+     "benchmarks.selectors", ["--threads", "1"], ["--tiny", "--threads", "1"]),
     ("`mechlora demo` from scratch against its 10-minute budget", "benchmarks.demo", [],
      ["--quick"]),
     ("GPU localize script, CPU smoke run (`--tiny`)", "benchmarks.gpu_localize", ["--tiny"],

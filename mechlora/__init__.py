@@ -12,7 +12,8 @@ from mechlora.evaluate import EvalResult, evaluate
 from mechlora.localize import localize
 from mechlora.models import Subject, load_adapter, load_model, wrap
 from mechlora.result import LocalizationResult
-from mechlora.select import Selection, select_layers
+from mechlora.select import Scores, Selection, select_layers
+from mechlora.selectors import choose_layers
 from mechlora.spec import LayerSpec
 from mechlora.train import TrainConfig, TrainResult, train
 
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DataError", "EvalResult", "LayerSpec", "LocalizationResult", "MechloraError", "Pair",
-    "QuestionGroup", "Selection", "Subject", "TrainConfig", "TrainResult", "Variant", "evaluate",
-    "load_adapter", "load_groups", "load_model", "localize", "make_pairs", "select_layers",
-    "train", "wrap",
+    "QuestionGroup", "Scores", "Selection", "Subject", "TrainConfig", "TrainResult", "Variant",
+    "choose_layers", "evaluate", "load_adapter", "load_groups", "load_model", "localize",
+    "make_pairs", "select_layers", "train", "wrap",
 ]

@@ -9,12 +9,14 @@ SigLIP vision tower, whose attention projections share those names.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import peft
 import torch
 from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
 from torch import nn
 
 from mechlora.errors import MechloraError
@@ -95,19 +97,55 @@ class LayerSpec:
         return target_regex(layers_path, self.layers, modules)
 
     def lora_config(self, layers_path: str, *, modules: Sequence[str] = DEFAULT_MODULES,
-                    r: int = DEFAULT_R, alpha: int = DEFAULT_ALPHA,
-                    dropout: float = DEFAULT_DROPOUT, **kw) -> peft.LoraConfig:
+                    r: int = DEFAULT_R, alpha: float = DEFAULT_ALPHA,
+                    dropout: float = DEFAULT_DROPOUT, ranks: Mapping[int, int] | None = None,
+                    **kw) -> peft.LoraConfig:
         """A LoraConfig adapting `modules` of exactly these layers under `layers_path`.
 
         `layers_path` is the dotted path of the decoder-layer ModuleList from the root model:
         "model.language_model.layers" (Gemma 3 vision-language, transformers 5.x),
         "model.layers" (Gemma 3 text / Llama), "transformer.h" (GPT-2). Extra keyword arguments go
         to `peft.LoraConfig` unchanged.
+
+        `ranks` ({layer: rank}, e.g. `match_ranks(...).ranks`) gives layers their own rank; the
+        others keep `r`. PEFT then gets the most common rank as its `r` and the rest through
+        `rank_pattern`, and `alpha_pattern` gives every layer alpha * rank / r, so that each
+        keeps the scaling alpha / r of the recipe: only the capacity changes, not the step size.
         """
         if r < 1:
             raise MechloraError(f"LoRA rank r must be at least 1, got {r}")
-        return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                               target_modules=self.target_regex(layers_path, modules), **kw)
+        per_layer = self._ranks(ranks, r)
+        default = min(Counter(per_layer.values()).most_common(),
+                      key=lambda item: (-item[1], item[0]))[0]
+        others: dict[int, list[int]] = {}
+        for layer, rank in per_layer.items():
+            if rank != default:
+                others.setdefault(rank, []).append(layer)
+        rank_pattern = {target_regex(layers_path, layers, modules): rank
+                        for rank, layers in sorted(others.items())}
+        alpha_pattern = {key: _scaled(alpha, rank, r) for key, rank in rank_pattern.items()}
+        extra = dict(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern) if others else {}
+        return peft.LoraConfig(r=default, lora_alpha=_scaled(alpha, default, r),
+                               lora_dropout=dropout,
+                               target_modules=self.target_regex(layers_path, modules),
+                               **extra, **kw)
+
+    def _ranks(self, ranks: Mapping[int, int] | None, r: int) -> dict[int, int]:
+        per_layer = dict.fromkeys(self.layers, r)
+        for layer, rank in (ranks or {}).items():
+            if layer not in per_layer:
+                raise MechloraError(f"ranks name layer {layer}, which is not in the spec {self}")
+            if isinstance(rank, bool) or int(rank) != rank or rank < 1:
+                raise MechloraError(f"layer {layer}: a LoRA rank must be a whole number >= 1, "
+                                    f"got {rank!r}")
+            per_layer[layer] = int(rank)
+        return per_layer
+
+
+def _scaled(alpha: float, rank: int, r: int) -> float:
+    """alpha * rank / r, as an int when whole (PEFT's configs usually hold ints)."""
+    value = alpha * rank / r
+    return int(value) if float(value).is_integer() else value
 
 
 def _parse_item(item: str, text: str, n_layers: int) -> range:
@@ -167,19 +205,25 @@ def count_lora_parameters(model: nn.Module, target: peft.LoraConfig | str | Sequ
     """(modules matched, LoRA parameters) that PEFT would add, without building any weights.
 
     `target` is a LoraConfig, a regex string, or a plain name list (PEFT's suffix matching).
-    Each matched module adds r * (in + out) parameters (A: r x in, B: out x r); reading only shapes
-    makes this work on a `meta`-device model. `r` defaults to the config's rank, else 16.
+    Each matched module adds rank * (in + out) parameters (A: rank x in, B: out x rank); reading
+    only shapes makes this work on a `meta`-device model. The rank is `r` when given, else the
+    config's, per module when it has a `rank_pattern` (looked up as PEFT does), else 16.
     """
     config = target if isinstance(target, peft.LoraConfig) else peft.LoraConfig(
-        target_modules=target if isinstance(target, str) else list(target))
-    rank = r if r is not None else (config.r if isinstance(target, peft.LoraConfig) else DEFAULT_R)
+        r=DEFAULT_R, target_modules=target if isinstance(target, str) else list(target))
     n_modules = n_params = 0
     for name, module in model.named_modules():
         if not _matches(config, name):
             continue
         n_modules += 1
-        n_params += rank * sum(_weight_shape(name, module))
+        n_params += (r or _rank(config, name)) * sum(_weight_shape(name, module))
     return n_modules, n_params
+
+
+def _rank(config: peft.LoraConfig, name: str) -> int:
+    if not config.rank_pattern:
+        return config.r
+    return config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), name), config.r)
 
 
 def _matches(config: peft.LoraConfig, name: str) -> bool:
@@ -212,10 +256,12 @@ class Plan:
 
 
 def plan(model: nn.Module, spec: LayerSpec, layers_path: str,
-         modules: Sequence[str] = DEFAULT_MODULES, r: int = DEFAULT_R) -> Plan:
+         modules: Sequence[str] = DEFAULT_MODULES, r: int = DEFAULT_R,
+         ranks: Mapping[int, int] | None = None) -> Plan:
     """Check `spec` against the model's layer list and count what LoRA on it would train.
 
-    Works on a `meta`-device model, so a dry run needs no weights.
+    `ranks` are per-layer ranks as `LayerSpec.lora_config` takes them. Works on a `meta`-device
+    model, so a dry run needs no weights.
     """
     layer_list = _layer_list(model, layers_path)
     if len(layer_list) != spec.n_layers:
@@ -227,7 +273,8 @@ def plan(model: nn.Module, spec: LayerSpec, layers_path: str,
         raise MechloraError(f"no module named {', '.join(missing)} in layers {spec} of "
                             f"{layers_path}; pick module names from: "
                             f"{', '.join(_linear_names(layer_list[spec.layers[0]]))}")
-    n_modules, trainable = count_lora_parameters(model, spec.target_regex(layers_path, modules), r)
+    config = spec.lora_config(layers_path, modules=modules, r=r, ranks=ranks)
+    n_modules, trainable = count_lora_parameters(model, config)
     base = sum(p.numel() for p in model.parameters())
     return Plan(n_modules, trainable, base, trainable / base)
 
@@ -249,3 +296,98 @@ def _linear_names(layer: nn.Module) -> list[str]:
     names = {n.rsplit(".", 1)[-1] for n, m in layer.named_modules()
              if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2}
     return sorted(names)
+
+
+# ---- matched parameter counts ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankMatch:
+    """Per-layer LoRA ranks on `spec` whose trainable count matches a reference count.
+
+    Use it as `spec.lora_config(layers_path, r=r, ranks=match.ranks)` (r: the recipe's rank, so
+    that alpha / rank stays the recipe's scaling); `lora_config` turns the ranks into PEFT's
+    `r`, `rank_pattern` and `alpha_pattern`.
+    """
+
+    spec: LayerSpec
+    ranks: dict[int, int]      # every layer of `spec` -> its rank
+    trainable: int             # LoRA parameters with these ranks
+    target: int                # the reference count
+    reference: str             # what the target is, e.g. "15-19 at r=16"
+    step: int                  # parameters of one rank step of the largest layer
+
+    @property
+    def difference(self) -> int:
+        return self.trainable - self.target
+
+    @property
+    def exact(self) -> bool:
+        return self.trainable == self.target
+
+    def __str__(self) -> str:
+        groups = Counter(self.ranks.values())
+        ranks = " and ".join(f"{n} at r={rank}" for rank, n in sorted(groups.items(),
+                                                                     key=lambda kv: -kv[1]))
+        layers = f"{len(self.spec)} layer{'s' if len(self.spec) > 1 else ''}"
+        return (f"{self.spec} ({layers}: {ranks}): {self.trainable:,} trainable "
+                f"parameters; {self.reference}: {self.target:,}; difference "
+                f"{self.difference:+,} (one rank step of one layer: {self.step:,})")
+
+
+def match_ranks(model: nn.Module, spec: LayerSpec, reference: LayerSpec | int, layers_path: str,
+                *, modules: Sequence[str] = DEFAULT_MODULES, r: int = DEFAULT_R) -> RankMatch:
+    """Ranks for LoRA on `spec` that hold as many parameters as `reference` at rank `r`.
+
+    `reference` is a layer spec (counted at rank `r` on `modules`) or a parameter count. Every
+    layer gets the same base rank, and the remainder goes one rank step at a time to layers
+    spread evenly across the spec, so no depth gets extra capacity. The count is exact when the
+    remainder is a whole number of rank steps (always, when the layers are alike: on MedGemma-4B,
+    all 34 layers with 22 at r=2 and 12 at r=3 hold the 4,382,720 of 15-19 at r=16); otherwise
+    it is within one rank step of one layer. Works on a `meta`-device model.
+    """
+    if r < 1:
+        raise MechloraError(f"LoRA rank r must be at least 1, got {r}")
+    plan(model, spec, layers_path, modules, r)  # checks the path, the layer count, the modules
+    unit = {layer: count_lora_parameters(model, target_regex(layers_path, [layer], modules), 1)[1]
+            for layer in spec}
+    if isinstance(reference, LayerSpec):
+        plan(model, reference, layers_path, modules, r)
+        target = sum(r * count_lora_parameters(model, target_regex(layers_path, [layer], modules),
+                                                1)[1] for layer in reference)
+        what = f"{reference} at r={r}"
+    elif isinstance(reference, int) and not isinstance(reference, bool) and reference > 0:
+        target, what = reference, "the reference count"
+    else:
+        raise MechloraError(f"the reference must be a layer spec or a positive parameter count, "
+                            f"got {reference!r}")
+    base = target // sum(unit.values())
+    if base < 1:
+        raise MechloraError(f"LoRA at rank 1 on {spec} already holds {sum(unit.values()):,} "
+                            f"parameters, more than {what} ({target:,}); match on fewer layers")
+    ranks = dict.fromkeys(spec.layers, base)
+    left = target - base * sum(unit.values())
+    by_size: dict[int, list[int]] = {}
+    for layer, size in unit.items():
+        by_size.setdefault(size, []).append(layer)
+    # Largest layers first; each size group spreads its extra steps evenly over its depth.
+    for size, layers in sorted(by_size.items(), reverse=True):
+        extra = min(len(layers), left // size)
+        left -= extra * size
+        for layer in _spread(layers, extra):
+            ranks[layer] += 1
+    # One more step past the target when that lands closer to it.
+    open_sizes = [(size, layers) for size, layers in sorted(by_size.items())
+                  if any(ranks[layer] == base for layer in layers)]
+    if left and open_sizes and open_sizes[0][0] - left < left:
+        size, layers = open_sizes[0]
+        free = [layer for layer in layers if ranks[layer] == base]
+        ranks[free[len(free) // 2]] += 1
+        left -= size
+    return RankMatch(spec, ranks, target - left, target, what, max(unit.values()))
+
+
+def _spread(layers: Sequence[int], k: int) -> list[int]:
+    """k of `layers` spread evenly: the one nearest the middle of each of k equal parts."""
+    n = len(layers)
+    return [layers[int((i + 0.5) * n / k)] for i in range(k)]

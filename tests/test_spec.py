@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 import peft
@@ -24,6 +25,7 @@ from mechlora.spec import (
     LayerSpec,
     Plan,
     count_lora_parameters,
+    match_ranks,
     plan,
     target_regex,
 )
@@ -352,3 +354,93 @@ def test_plain_list_on_tiny_gemma3_really_adapts_vision() -> None:
     names = _lora_names(peft_model)
     assert sum("vision_tower" in n for n in names) == 2 * 3  # q, k, v of both SigLIP layers
     assert len(names) == n_modules and _trainable(peft_model) == n_params
+
+
+# ---------------------------------------------------------------- matched parameter counts
+
+
+def test_medgemma_all_layers_matched_to_the_window_exactly(medgemma) -> None:
+    match = match_ranks(medgemma, LayerSpec.all(34), LayerSpec.parse("15-19", 34), GEMMA_LAYERS)
+    assert match.target == 4_382_720 and match.trainable == 4_382_720 and match.exact
+    assert sorted(Counter(match.ranks.values()).items()) == [(2, 22), (3, 12)]
+    assert match.step == 54_784 == 876_544 // 16
+    # the extra rank is spread over the depth: at most 2 layers at r=2 between two at r=3
+    threes = [layer for layer, rank in match.ranks.items() if rank == 3]
+    assert max(np.diff(threes)) <= 3 and threes[0] <= 2 and threes[-1] >= 31
+    assert str(match) == ("0-33 (34 layers: 22 at r=2 and 12 at r=3): 4,382,720 trainable "
+                          "parameters; 15-19 at r=16: 4,382,720; difference +0 (one rank step "
+                          "of one layer: 54,784)")
+    # the config PEFT gets counts the same, with the recipe's scaling alpha / r = 2 everywhere
+    config = LayerSpec.all(34).lora_config(GEMMA_LAYERS, ranks=match.ranks)
+    assert (config.r, config.lora_alpha) == (2, 4)
+    assert list(config.rank_pattern.values()) == [3] and list(config.alpha_pattern.values()) == [6]
+    assert count_lora_parameters(medgemma, config) == (238, 4_382_720)
+    assert plan(medgemma, LayerSpec.all(34), GEMMA_LAYERS, ranks=match.ranks).trainable == \
+        4_382_720
+
+
+def test_matched_count_on_the_medgemma_preset() -> None:
+    from mechlora.models.presets import medgemma_4b
+
+    model, _ = medgemma_4b()  # meta device, bf16: shapes only
+    match = match_ranks(model, LayerSpec.all(34), LayerSpec.parse("15-19", 34), GEMMA_LAYERS)
+    assert (match.trainable, match.target, match.difference) == (4_382_720, 4_382_720, 0)
+
+
+@pytest.mark.parametrize("spec, reference", [("15-19", "all"), ("0-9", "15-19"), ("3", "0-1"),
+                                             ("0,10,20,30", "15-19"), ("all", "0-2")])
+def test_medgemma_matches_within_one_rank_step(medgemma, spec: str, reference: str) -> None:
+    target, ref = LayerSpec.parse(spec, 34), LayerSpec.parse(reference, 34)
+    match = match_ranks(medgemma, target, ref, GEMMA_LAYERS)
+    assert match.target == plan(medgemma, ref, GEMMA_LAYERS).trainable
+    assert abs(match.difference) <= match.step
+    assert match.trainable == plan(medgemma, target, GEMMA_LAYERS, ranks=match.ranks).trainable
+    assert set(match.ranks) == set(target.layers) and max(match.ranks.values()) - min(
+        match.ranks.values()) <= 1
+    # the closest achievable count: one layer more or less at the higher rank is further away
+    assert abs(match.difference) <= match.step / 2
+
+
+def test_match_to_a_count_and_errors(medgemma) -> None:
+    match = match_ranks(medgemma, LayerSpec.parse("0-9", 34), 1_000_000, GEMMA_LAYERS)
+    assert match.reference == "the reference count" and abs(match.difference) <= 54_784 / 2
+    assert match.trainable == 986_112 and match.difference == -13_888
+    with pytest.raises(MechloraError, match="already holds 1,862,656 parameters"):
+        match_ranks(medgemma, LayerSpec.all(34), LayerSpec.parse("16", 34), GEMMA_LAYERS)
+    with pytest.raises(MechloraError, match="positive parameter count"):
+        match_ranks(medgemma, LayerSpec.all(34), 0, GEMMA_LAYERS)
+    with pytest.raises(MechloraError, match="holds 34 layers"):
+        match_ranks(medgemma, LayerSpec.all(30), LayerSpec.parse("16", 34), GEMMA_LAYERS)
+
+
+def test_lora_config_rank_errors() -> None:
+    spec = LayerSpec.parse("1-2", 4)
+    with pytest.raises(MechloraError, match="not in the spec 1-2"):
+        spec.lora_config(GEMMA_LAYERS, ranks={0: 2})
+    with pytest.raises(MechloraError, match="whole number >= 1"):
+        spec.lora_config(GEMMA_LAYERS, ranks={1: 0})
+    with pytest.raises(MechloraError, match="whole number >= 1"):
+        spec.lora_config(GEMMA_LAYERS, ranks={1: 2.5})
+    # without ranks the config is unchanged: no patterns
+    config = spec.lora_config(GEMMA_LAYERS, r=8, alpha=16)
+    assert (config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern) == \
+        (8, 16, {}, {})
+
+
+def test_peft_builds_the_matched_ranks_on_tiny_gemma3(tmp_path) -> None:
+    model = tiny_gemma3()
+    match = match_ranks(model, LayerSpec.all(4), LayerSpec.parse("2", 4), GEMMA_LAYERS, r=6)
+    assert match.exact and sorted(match.ranks.values()) == [1, 1, 2, 2]
+    config = LayerSpec.all(4).lora_config(GEMMA_LAYERS, r=6, alpha=12, ranks=match.ranks)
+    peft_model = peft.get_peft_model(model, config)
+    assert _trainable(peft_model) == match.trainable == match.target
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            assert module.r["default"] == match.ranks[layer]
+            assert module.scaling["default"] == pytest.approx(12 / 6)  # the recipe's scaling
+    # the saved adapter reloads with the same ranks
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    reloaded = peft.PeftModel.from_pretrained(tiny_gemma3(), str(tmp_path / "adapter"),
+                                              is_trainable=True)
+    assert _trainable(reloaded) == match.trainable
