@@ -298,12 +298,14 @@ class Subject:
         tok = self.tokenizer
         prompt = self.prompt("?", with_image=False)
         base = tok(prompt, add_special_tokens=False)["input_ids"]
+        special = set(tok.all_special_ids)  # an unknown word is <unk>: not a spelling of it
         found = []
         for choice, canonical in zip(choices, first, strict=True):
             ids = [canonical]
             for text in spellings(choice):
                 full = tok(prompt + text, add_special_tokens=False)["input_ids"]
-                if len(full) == len(base) + 1 and full[:len(base)] == base:
+                if len(full) == len(base) + 1 and full[:len(base)] == base \
+                        and full[-1] not in special:
                     ids.append(full[-1])
             found.append(list(dict.fromkeys(ids)))
         owners = Counter(i for ids in found for i in ids)
