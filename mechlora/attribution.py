@@ -38,6 +38,7 @@ from mechlora.localize import (
     parse_positions,
     screen,
 )
+from mechlora.models.choices import ChoiceTokens, as_choices
 from mechlora.models.subject import Subject
 from mechlora.patching import RUNNERS, SitePatch, choose_engine, last_logits, margin
 from mechlora.probes import COMPONENTS, Site, all_sites, record, site_module
@@ -58,7 +59,8 @@ def _zero_probe(store: dict[Site, torch.Tensor], site: Site):
     return hook
 
 
-def gradient_run(subject: Subject, question: str, image, ref: int, answer_ids: Sequence[int],
+def gradient_run(subject: Subject, question: str, image, ref: int,
+                 answer_ids: ChoiceTokens | Sequence[int],
                  sites: Sequence[Site], spec: str) -> tuple[CleanRun, dict[Site, torch.Tensor]]:
     """One forward and one backward of a prompt: its clean run, and d margin / d activation
     at every site and aligned position ([P, hidden] per site)."""
@@ -81,7 +83,7 @@ def gradient_run(subject: Subject, question: str, image, ref: int, answer_ids: S
     run = CleanRun(
         inputs=inputs, positions=positions, values={s: v[0] for s, v in values.items()},
         resid_last=torch.stack([resid[s][0, 0] for s in resid_sites]).float(),
-        margin=m.item(), pred=int(logits[0, list(answer_ids)].argmax()),
+        margin=m.item(), pred=int(as_choices(answer_ids).scores(logits[0]).argmax()),
     )
     pos = positions.to(logits.device)
     zeros = torch.zeros_like(run.values[sites[0]])
@@ -106,7 +108,8 @@ def attribute(subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] | str | P
               components: Sequence[str] = COMPONENTS, positions: str = "last",
               only_flips: bool = False, min_delta: float = 0.25, max_rows: int | None = None,
               max_bytes: int | None = None, n_boot: int = 1000, progress: bool = True,
-              verify_top: int = 0, verify_engine: str = "auto") -> LocalizationResult:
+              verify_top: int = 0, verify_engine: str = "auto",
+              merge_variants: bool = False) -> LocalizationResult:
     """Attribution-patching estimates of restoration for every (layer, component) site.
 
     Arguments as for `mechlora.localize`; the result's `restoration` holds the estimates.
@@ -132,13 +135,14 @@ def attribute(subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] | str | P
     rows: dict[str, list] = {"ma": [], "mb": [], "est": [], "per_pos": []}
     div = {"cosine": [], "logit_lens_kl": []}
     excluded = []
-    answer_ids: dict[tuple, list[int]] = {}
+    answer_ids: dict[tuple, ChoiceTokens] = {}
     runs: dict[tuple[str, int], tuple[CleanRun, dict]] = {}
     t0 = time.perf_counter()
     for pair in tqdm(pairs, desc="attribute", unit="pair", disable=not progress):
         g = pair.group
         if g.choices not in answer_ids:
-            answer_ids[g.choices] = subject.answer_token_ids(g.choices, where=(g.source, g.line))
+            answer_ids[g.choices] = subject.choice_tokens(g.choices, merge=merge_variants,
+                                                          where=(g.source, g.line))
         ids = answer_ids[g.choices]
         image = load_image(g.image) if (g.image is not None and subject.is_vlm) else None
         for v in (pair.a, pair.b):
@@ -180,18 +184,20 @@ def attribute(subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] | str | P
         excluded=excluded, n_boot=n_boot,
         settings={"engine": "attribution", "only_flips": only_flips, "min_delta": min_delta,
                   "max_rows": max_rows, "max_bytes": max_bytes, "n_pairs_in": len(pairs),
+                  "choice_reading": "merged" if merge_variants else "first",
                   "attribution": info},
     )
     if verify_top and kept:
         info.update(verify(subject, kept, result, verify_top, engine=verify_engine,
-                           max_rows=max_rows, max_bytes=max_bytes, progress=progress))
+                           max_rows=max_rows, max_bytes=max_bytes, progress=progress,
+                           merge_variants=merge_variants))
     result.settings["seconds"] = round(time.perf_counter() - t0, 3)
     return result
 
 
 def verify(subject: Subject, pairs: Sequence[Pair], result: LocalizationResult, k: int, *,
            engine: str = "auto", max_rows: int | None = None, max_bytes: int | None = None,
-           progress: bool = False) -> dict:
+           progress: bool = False, merge_variants: bool = False) -> dict:
     """Exact restoration of the `k` sites with the largest mean |estimate| in `result`,
     for the same pairs; returns the estimates, the exact values and their rank correlation."""
     sites = [Site(layer, c) for c in result.components for layer in range(result.n_layers)]
@@ -203,7 +209,7 @@ def verify(subject: Subject, pairs: Sequence[Pair], result: LocalizationResult, 
     with torch.inference_mode():
         for i, pair in enumerate(tqdm(pairs, desc="verify", unit="pair", disable=not progress)):
             g = pair.group
-            ids = subject.answer_token_ids(g.choices, where=(g.source, g.line))
+            ids = subject.choice_tokens(g.choices, merge=merge_variants, where=(g.source, g.line))
             image = load_image(g.image) if (g.image is not None and subject.is_vlm) else None
             for v in (pair.a, pair.b):
                 if (g.id, v) not in runs:

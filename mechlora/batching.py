@@ -11,6 +11,7 @@ import torch
 
 from mechlora.data import Pair, QuestionGroup, load_image
 from mechlora.features import supports_features, with_image_features
+from mechlora.models.choices import ChoiceTokens
 from mechlora.models.subject import Subject
 
 
@@ -29,21 +30,27 @@ class Batcher:
     features (`mm_encoder_outputs`), other vision-language models the cached pixel values.
     """
 
-    def __init__(self, subject: Subject) -> None:
+    def __init__(self, subject: Subject, *, merge_variants: bool = False) -> None:
         self.subject = subject
+        self.merge_variants = merge_variants
         self._prompts: dict[tuple[str, str | None], dict[str, torch.Tensor]] = {}
         self._images: dict[Path, torch.Tensor] = {}
-        self._choices: dict[tuple[str, ...], list[int]] = {}
+        self._choices: dict[tuple[str, ...], ChoiceTokens] = {}
         base = subject.base
         self.features = supports_features(base)
         tok = subject.tokenizer
         self.pad = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
 
-    def choice_ids(self, group: QuestionGroup) -> list[int]:
+    def choice_tokens(self, group: QuestionGroup) -> ChoiceTokens:
+        """How the model's first answer token reads as each of the group's choices."""
         if group.choices not in self._choices:
-            self._choices[group.choices] = self.subject.answer_token_ids(
-                group.choices, where=(group.source, group.line))
+            self._choices[group.choices] = self.subject.choice_tokens(
+                group.choices, merge=self.merge_variants, where=(group.source, group.line))
         return self._choices[group.choices]
+
+    def choice_ids(self, group: QuestionGroup) -> list[int]:
+        """The canonical first token of each choice."""
+        return self.choice_tokens(group).first
 
     def _image(self, group: QuestionGroup) -> Path | None:
         return group.image if group.image is not None and self.subject.is_vlm else None

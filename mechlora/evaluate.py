@@ -31,9 +31,10 @@ from mechlora.data import QuestionGroup, data_hash, load_groups, load_image
 from mechlora.errors import MechloraError
 from mechlora.features import with_image_features
 from mechlora.io import prepare_out_dir, read_json, read_jsonl, write_json, write_jsonl
-from mechlora.metrics import VariantPrediction, compare, compute_metrics
+from mechlora.metrics import LOW_CHOICE_MASS, VariantPrediction, compare, compute_metrics
+from mechlora.models.choices import LOW_MASS_NOTE, ChoiceTokens
 from mechlora.models.subject import Subject
-from mechlora.patching import choice_head, margin
+from mechlora.patching import margin
 
 SCHEMA_VERSION = 2  # 2: cluster intervals as "ci", original_flip_rate, flip_auroc on "gap"
 BASE = "base"
@@ -62,6 +63,7 @@ class ArmOutput:
     decoded: list[str | None]
     seconds: float = 0.0
     gap: list[float] = field(default_factory=list)  # predicted choice's logit - best other
+    mass: list[float] = field(default_factory=list)  # probability on the choices' tokens
 
 
 @dataclass
@@ -301,32 +303,31 @@ class _Images:
 
 
 def run_arm(subject: Subject, rows: Sequence[tuple[QuestionGroup, int]],
-            prompts: Sequence[Prompt], answer_ids: dict[tuple[str, ...], list[int]], *,
+            prompts: Sequence[Prompt], answer_ids: dict[tuple[str, ...], ChoiceTokens], *,
             batch_size: int, decode: bool, max_new_tokens: int,
             bar: tqdm | None = None) -> ArmOutput:
     """Run every prompt once (logits at the last position only) and read off the choices."""
     n = len(rows)
     out = ArmOutput(pred=[-1] * n, margin=[float("nan")] * n,
                     other={c: [None] * n for c in CONDITIONS[1:]}, decoded=[None] * n,
-                    gap=[float("nan")] * n)
+                    gap=[float("nan")] * n, mass=[float("nan")] * n)
     images = _Images(subject)
-    # Only the choices' first tokens are read: the output head computes just those logits.
-    vocab = sorted({i for ids in answer_ids.values() for i in ids})
-    column = {token: c for c, token in enumerate(vocab)}
     t0 = time.perf_counter()
     for batch in batches(prompts, batch_size):
         inputs = subject.encode([p.text for p in batch], [images(p.image) for p in batch])
-        with choice_head(subject, vocab) as cols:
-            logits = subject.model(**with_image_features(subject, inputs), logits_to_keep=1,
-                                   use_cache=False).logits[:, -1]
+        # The whole vocabulary at the last position: the choice mass needs its normaliser
+        # (one unembedding per prompt, small beside the prompt's forward).
+        logits = subject.model(**with_image_features(subject, inputs), logits_to_keep=1,
+                               use_cache=False).logits[:, -1].float()
         for k, p in enumerate(batch):
             g = rows[p.row][0]
-            ids = [cols[column[i]] for i in answer_ids[g.choices]]
-            pred = int(logits[k, ids].argmax())
+            tokens = answer_ids[g.choices]
+            pred = int(tokens.scores(logits[k]).argmax())
             if p.condition == "main":
                 out.pred[p.row] = pred
-                out.margin[p.row] = float(margin(logits[k], ids, g.answer_index))
-                out.gap[p.row] = float(margin(logits[k], ids, pred))
+                out.margin[p.row] = float(margin(logits[k], tokens, g.answer_index))
+                out.gap[p.row] = float(margin(logits[k], tokens, pred))
+                out.mass[p.row] = float(tokens.mass(logits[k]))
             else:
                 out.other[p.condition][p.row] = pred
         if decode:
@@ -459,13 +460,16 @@ def evaluate(subject_or_name: Subject | str, pairs: str | Path | Sequence[Questi
              noimage: bool = False, swap: bool | None = None, decode: bool = False,
              max_new_tokens: int = 16, batch_size: int = 16, out: str | Path | None = None,
              overwrite: bool = False, progress: bool = True, n_boot: int = 2000, seed: int = 0,
-             device: str | None = None, dtype: str | None = None) -> EvalResult:
+             device: str | None = None, dtype: str | None = None,
+             merge_variants: bool = False) -> EvalResult:
     """Evaluate the base model and each adapter on every wording of every question.
 
     `gray` / `swap`: None runs them when the model and data allow (a VLM, questions with
     images), True insists (error if impossible), False skips. `noimage` (off by default) adds
     the prediction with the image removed from the prompt. `out`: a folder for eval.json,
     predictions.jsonl and report.html. `device` / `dtype` apply when a name is given.
+    `merge_variants` reads each choice as all its case and leading-space variants
+    (mechlora/models/choices.py); the reading is recorded in the settings.
     """
     if batch_size < 1:
         raise MechloraError(f"batch size must be at least 1, got {batch_size}")
@@ -483,10 +487,11 @@ def evaluate(subject_or_name: Subject | str, pairs: str | Path | Sequence[Questi
 
     plan = resolve_conditions(subject, groups, gray=gray, noimage=noimage, swap=swap,
                               seed=seed)
-    answer_ids = {}
+    answer_ids: dict[tuple[str, ...], ChoiceTokens] = {}
     for g in groups:
         if g.choices not in answer_ids:
-            answer_ids[g.choices] = subject.answer_token_ids(g.choices, where=(g.source, g.line))
+            answer_ids[g.choices] = subject.choice_tokens(g.choices, merge=merge_variants,
+                                                          where=(g.source, g.line))
     rows = [(g, v) for g in groups for v in range(len(g.variants))]
     prompts = plan_prompts(rows, use_images=plan.use_images, gray=plan.gray,
                            noimage=plan.noimage, swap=plan.swap)
@@ -501,7 +506,14 @@ def evaluate(subject_or_name: Subject | str, pairs: str | Path | Sequence[Questi
                                "decode": decode, "max_new_tokens": max_new_tokens if decode
                                else None, "batch_size": batch_size, "n_boot": n_boot,
                                "seed": seed, "level": 0.95, "device": str(subject.device),
-                               "dtype": str(next(subject.model.parameters()).dtype)})
+                               "dtype": str(next(subject.model.parameters()).dtype),
+                               "choice_reading": "merged" if merge_variants else "first",
+                               "choice_tokens": {"/".join(c): [list(v) for v in t.ids]
+                                                 for c, t in answer_ids.items()}})
+    for name, m in result.metrics.items():
+        mass = m["choice_mass"]["value"]
+        if mass is not None and mass < LOW_CHOICE_MASS:
+            result.notes.append(LOW_MASS_NOTE.format(arm=name, mass=mass))
     if out is not None:
         result.save(out, overwrite=overwrite)
     return result
@@ -521,7 +533,8 @@ def _result(model: str, groups: list[QuestionGroup], data_path: str | None,
                 group_id=g.id, variant=v, phenomenon=g.variants[v].phenomenon, type=g.type,
                 pred=o.pred[i], answer=g.answer_index, margin=o.margin[i],
                 pred_gray=o.other["gray"][i], pred_noimage=o.other["noimage"][i],
-                pred_swap=o.other["swap"][i], gap=o.gap[i] if o.gap else float("nan"))
+                pred_swap=o.other["swap"][i], gap=o.gap[i] if o.gap else float("nan"),
+                choice_mass=o.mass[i] if o.mass else float("nan"))
             preds[name].append(p)
             records.append(_record(name, g, p, swap_map, o.decoded[i], settings["decode"]))
     metrics = {n: compute_metrics(preds[n], n_boot=n_boot, seed=seed) for n in names}
@@ -548,7 +561,7 @@ def _record(arm: str, g: QuestionGroup, p: VariantPrediction, swap_map: dict[str
            "image": None if g.image is None else str(g.image),
            "pred": p.pred, "pred_choice": choice(p.pred), "answer": p.answer,
            "answer_choice": g.answer, "correct": p.pred == p.answer, "margin": p.margin,
-           "gap": p.gap,
+           "gap": p.gap, "choice_mass": p.choice_mass,
            "pred_gray": p.pred_gray, "pred_noimage": p.pred_noimage, "pred_swap": p.pred_swap,
            "pred_gray_choice": choice(p.pred_gray),
            "pred_noimage_choice": choice(p.pred_noimage),

@@ -24,6 +24,7 @@ from mechlora import memory
 from mechlora.data import Pair, QuestionGroup, load_groups, load_image, make_pairs
 from mechlora.errors import MechloraError
 from mechlora.features import with_image_features
+from mechlora.models.choices import ChoiceTokens, as_choices
 from mechlora.models.family import bidirectional
 from mechlora.models.subject import Subject
 from mechlora.patching import (
@@ -89,7 +90,8 @@ def aligned_positions(subject: Subject, inputs: dict, spec: str) -> torch.Tensor
     return torch.arange(length - k, length)
 
 
-def clean_run(subject: Subject, question: str, image, ref: int, answer_ids: Sequence[int],
+def clean_run(subject: Subject, question: str, image, ref: int,
+              answer_ids: ChoiceTokens | Sequence[int],
               sites: Sequence[Site], spec: str, *, keep_prefix: bool = False) -> CleanRun:
     """`keep_prefix`: keep the KV cache of the positions before the first aligned one, which the
     cached engine then reuses (one forward fewer per recipient)."""
@@ -113,7 +115,8 @@ def clean_run(subject: Subject, question: str, image, ref: int, answer_ids: Sequ
         inputs=inputs, positions=positions,
         values={s: v[0] for s, v in values.items()},
         resid_last=torch.stack([resid[s][0, 0] for s in resid_sites]).float(),
-        margin=float(margin(logits, cols, ref)[0]), pred=int(logits[0, cols].argmax()),
+        margin=float(margin(logits, cols, ref)[0]),
+        pred=int(as_choices(cols).scores(logits[0]).argmax()),
         prefix=prefix,
     )
 
@@ -209,8 +212,8 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
              components: Sequence[str] = COMPONENTS, positions: str = "last",
              engine: str = "auto", only_flips: bool = False, min_delta: float = 0.25,
              max_rows: int | None = None, max_bytes: int | None = None, n_boot: int = 1000,
-             progress: bool = True, verify_top: int = 0, logit_lens: bool = True
-             ) -> LocalizationResult:
+             progress: bool = True, verify_top: int = 0, logit_lens: bool = True,
+             merge_variants: bool = False) -> LocalizationResult:
     """Patch every (layer, component) site from each pair's donor into its recipient.
 
     `pairs` are ordered: pair (a, b) patches a's activations into b's run; `make_pairs` forms
@@ -222,7 +225,8 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     mechlora/memory.py, docs/memory.md) and, when given, at most `max_rows`; results do not
     depend on the split. `logit_lens=False` skips the
     logit-lens KL divergence (a full-vocabulary unembedding of every layer of every prompt: on
-    a CPU with a 262k vocabulary, a large share of the sweep).
+    a CPU with a 262k vocabulary, a large share of the sweep). `merge_variants` reads each
+    choice as all its case and leading-space variants (mechlora/models/choices.py).
     """
     from mechlora.bridges import as_subject
     from mechlora.models import wrap
@@ -235,7 +239,7 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
         return attribute(subject, pairs, components=components, positions=positions,
                          only_flips=only_flips, min_delta=min_delta, max_rows=max_rows,
                          max_bytes=max_bytes, n_boot=n_boot, progress=progress,
-                         verify_top=verify_top)
+                         verify_top=verify_top, merge_variants=merge_variants)
     if verify_top:
         raise MechloraError("verify_top checks engine='attribution' against exact patching; "
                             "use it with that engine only")
@@ -247,7 +251,8 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     all_sites(subject.n_layers, components)  # bad options fail before any work
     kw = dict(components=components, positions=positions, engine=engine,
               only_flips=only_flips, min_delta=min_delta, max_rows=max_rows,
-              max_bytes=max_bytes, n_boot=n_boot, logit_lens=logit_lens)
+              max_bytes=max_bytes, n_boot=n_boot, logit_lens=logit_lens,
+              merge_variants=merge_variants)
     world = distributed_state()
     if world is None:
         return _sweep(subject, pairs, progress=progress, **kw)
@@ -285,7 +290,7 @@ def distributed_state():
 def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str],
            positions: str, engine: str, only_flips: bool, min_delta: float,
            max_rows: int | None, max_bytes: int | None, n_boot: int, progress: bool,
-           logit_lens: bool) -> LocalizationResult:
+           logit_lens: bool, merge_variants: bool = False) -> LocalizationResult:
     """The sweep over `pairs` in this process."""
     sites = all_sites(subject.n_layers, components)
     rows: dict[str, list] = {"pair": [], "group": [], "ma": [], "mb": []}
@@ -293,7 +298,7 @@ def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str]
     div = {"cosine": [], "logit_lens_kl": []} if logit_lens else {"cosine": []}
     keep_prefix = engine == "cached" or (engine == "auto" and subject.family.cached)
     excluded, used_engines = [], set()
-    answer_ids: dict[tuple, list[int]] = {}
+    answer_ids: dict[tuple, ChoiceTokens] = {}
     runs: dict[tuple[str, int], CleanRun] = {}
     t0 = time.perf_counter()
     bar = tqdm(total=len(pairs), desc="localize", unit="pair", disable=not progress)
@@ -304,8 +309,8 @@ def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str]
             chunk = list(chunk)
             g = chunk[0].group
             if g.choices not in answer_ids:
-                answer_ids[g.choices] = subject.answer_token_ids(g.choices,
-                                                                 where=(g.source, g.line))
+                answer_ids[g.choices] = subject.choice_tokens(
+                    g.choices, merge=merge_variants, where=(g.source, g.line))
             ids = answer_ids[g.choices]
             image = load_image(g.image) if (g.image is not None and subject.is_vlm) else None
             runs = {k: r for k, r in runs.items() if k[0] == g.id}  # bound the memory
@@ -362,5 +367,8 @@ def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str]
         settings={"engine": engine, "only_flips": only_flips, "min_delta": min_delta,
                   "max_rows": max_rows, "max_bytes": max_bytes or memory.DEFAULT_MAX_BYTES,
                   "logit_lens": logit_lens, "n_pairs_in": len(pairs),
+                  "choice_reading": "merged" if merge_variants else "first",
+                  "choice_tokens": {"/".join(c): [list(v) for v in t.ids]
+                                    for c, t in answer_ids.items()},
                   "seconds": round(time.perf_counter() - t0, 3)},
     )

@@ -45,7 +45,8 @@ class VariantPrediction:
     section 2); nan when not measured. `pred_gray` / `pred_noimage` / `pred_swap`: the
     prediction with a uniform gray image, with no image, with another question's image.
     `gap`: logit of the predicted choice's first token minus the largest other choice's
-    (>= 0; how sure the model is of its own answer); nan when not recorded.
+    (>= 0; how sure the model is of its own answer); nan when not recorded. `choice_mass`: the
+    probability the model puts on the choices' tokens at all (nan when not recorded).
     """
 
     group_id: Hashable
@@ -59,6 +60,7 @@ class VariantPrediction:
     pred_noimage: int | None = None
     pred_swap: int | None = None
     gap: float = math.nan
+    choice_mass: float = math.nan
 
     @classmethod
     def from_dict(cls, row: Mapping[str, Any]) -> VariantPrediction:
@@ -67,7 +69,7 @@ class VariantPrediction:
         kw = {k: v for k, v in row.items() if k in known}
         kw.setdefault("phenomenon", None)
         kw.setdefault("type", None)
-        for key in ("margin", "gap"):
+        for key in ("margin", "gap", "choice_mass"):
             value = kw.get(key)
             kw[key] = math.nan if value is None else float(value)
         missing = [k for k in ("group_id", "variant", "pred", "answer") if k not in kw]
@@ -215,6 +217,23 @@ def _mean(values: np.ndarray, clusters: np.ndarray, o: _Opts) -> dict[str, Any]:
             "ci_method": BOOTSTRAP}
 
 
+# Below this mean probability on the choices the model is mostly not answering in the format
+# asked, and margins between the choices say little about what it would write.
+LOW_CHOICE_MASS = 0.5
+
+
+def _choice_mass(preds: list[VariantPrediction], o: _Opts) -> dict[str, Any]:
+    """Mean probability on the choices' tokens, and the share of wordings below LOW_CHOICE_MASS."""
+    gid = {g: i for i, g in enumerate(group_predictions(preds))}
+    mass = np.asarray([r.choice_mass for r in preds], dtype=float)
+    clusters = np.asarray([gid[r.group_id] for r in preds], dtype=int)
+    out = _mean(mass, clusters, o)
+    known = np.isfinite(mass)
+    out["share_low"] = float((mass[known] < LOW_CHOICE_MASS).mean()) if known.any() else None
+    out["low_threshold"] = LOW_CHOICE_MASS
+    return out
+
+
 def _core(preds: list[VariantPrediction], o: _Opts) -> dict[str, Any]:
     """Accuracy, flip rates (vs the original, all pairs, per question), margin difference."""
     gid = {g: i for i, g in enumerate(group_predictions(preds))}
@@ -331,6 +350,7 @@ def compute_metrics(preds: Iterable[VariantPrediction | Mapping[str, Any]], *,
         "swap_sensitivity": _agreement(recs, "pred_swap", differ=True, o=o),
         "image_reliance_quadrants": _quadrants(q),
         "flip_auroc": _flip_auroc(q, o),
+        "choice_mass": _choice_mass(recs, o),
         "by_type": _by_type(recs, o),
         "by_phenomenon": _by_phenomenon(recs, o),
         "settings": _settings(level, n_boot, seed),

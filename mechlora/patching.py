@@ -29,6 +29,7 @@ from mechlora import memory
 from mechlora.errors import MechloraError
 from mechlora.features import with_image_features
 from mechlora.models import family as families
+from mechlora.models.choices import ChoiceTokens, as_choices
 from mechlora.models.subject import Subject
 from mechlora.probes import Patch, Site, patch
 
@@ -44,32 +45,39 @@ class SitePatch:
     values: torch.Tensor
 
 
-def margin(logits: torch.Tensor, answer_ids: Sequence[int], ref: int) -> torch.Tensor:
-    """logit(reference answer's first token) - max logit of the other choices' first tokens."""
-    choice = logits[..., list(answer_ids)].float()
-    others = torch.cat([choice[..., :ref], choice[..., ref + 1:]], dim=-1)
-    return choice[..., ref] - others.max(dim=-1).values
+def margin(logits: torch.Tensor, choices: ChoiceTokens | Sequence[int], ref: int
+           ) -> torch.Tensor:
+    """Score of the reference choice minus the best other choice's: with the default `first`
+    reading, logit(reference answer's first token) - max logit of the other choices' first
+    tokens; with `merged`, the same over log-sum-exps of each choice's variant tokens."""
+    scores = as_choices(choices).scores(logits)
+    others = torch.cat([scores[..., :ref], scores[..., ref + 1:]], dim=-1)
+    return scores[..., ref] - others.max(dim=-1).values
 
 
 @contextmanager
-def choice_head(subject: Subject, answer_ids: Sequence[int]) -> Iterator[list[int]]:
-    """Within: the model's output head computes only the logits of `answer_ids`, in order.
+def choice_head(subject: Subject, choices: ChoiceTokens | Sequence[int]
+                ) -> Iterator[ChoiceTokens | list[int]]:
+    """Within: the model's output head computes only the logits of the choices' tokens.
 
-    Yields the column of each choice in the logits the model now returns. The rest of the
-    forward (final norm, softcapping) runs unchanged, so those logits equal the full ones. A
-    head that is not a plain `nn.Linear` (adapted, quantised) is left alone.
+    Yields `choices` re-indexed into the logits the model now returns (a `ChoiceTokens` for a
+    `ChoiceTokens`, the column of each id for a list of ids). The rest of the forward (final
+    norm, softcapping) runs unchanged, so those logits equal the full ones. A head that is not
+    a plain `nn.Linear` (adapted, quantised) is left alone.
     """
+    tokens = as_choices(choices)
     head = subject.unembed
     if type(head) is not nn.Linear:
-        yield list(answer_ids)
+        yield choices if isinstance(choices, ChoiceTokens) else list(choices)
         return
-    ids = torch.tensor(list(answer_ids), device=head.weight.device)
+    ids = torch.tensor(tokens.flat, device=head.weight.device)
     weight = head.weight[ids]
     bias = None if head.bias is None else head.bias[ids]
     saved = head.__dict__.get("forward")  # an instrumenting library may have set its own
     head.forward = lambda x: F.linear(x, weight, bias)
     try:
-        yield list(range(len(ids)))
+        columns = tokens.on(range(len(ids)))
+        yield columns if isinstance(choices, ChoiceTokens) else columns.first
     finally:
         if saved is None:
             del head.forward

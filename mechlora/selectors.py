@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 from mechlora.batching import Batcher, first_token_logits
 from mechlora.data import Pair, QuestionGroup, data_hash, load_groups, make_pairs
 from mechlora.errors import MechloraError
-from mechlora.loss import consistency_loss
 from mechlora.models.subject import Subject
 from mechlora.select import Scores, Selection, apply_selector, parse_selector
 from mechlora.spec import DEFAULT_ALPHA, DEFAULT_MODULES, DEFAULT_R, LayerSpec
@@ -47,7 +46,7 @@ def grad_scores(subject: Subject, pairs: PairsLike, *, batch_size: int = 8, r: i
                 alpha: float = DEFAULT_ALPHA, modules: Sequence[str] = DEFAULT_MODULES,
                 seed: int = 0, pairs_per_group: int | None = 1, kl_weight: float = 1.0,
                 kl_temperature: float = 1.0, kl_over: str = "vocab",
-                progress: bool = True) -> Scores:
+                merge_variants: bool = False, progress: bool = True) -> Scores:
     """Per-layer norm of the loss gradient on LoRA (rank `r`) added to every layer, at init.
 
     The loss is the training recipe's (`mechlora.loss.consistency_loss`, mean over `pairs`),
@@ -64,23 +63,19 @@ def grad_scores(subject: Subject, pairs: PairsLike, *, batch_size: int = 8, r: i
     pair_list, data = _pairs(pairs, pairs_per_group, seed)
     if batch_size < 1:
         raise MechloraError(f"batch_size must be at least 1 pair, got {batch_size}")
-    batcher = Batcher(subject)
+    from mechlora.training.config import TrainConfig
+    from mechlora.training.step import pair_terms
+
+    loss = TrainConfig(kl_weight=kl_weight, kl_temperature=kl_temperature, kl_over=kl_over,
+                       merge_variants=merge_variants).validate()
+    batcher = Batcher(subject, merge_variants=merge_variants)
     t0 = time.perf_counter()
     forwards = 0
     sums = torch.zeros(2, dtype=torch.float64)  # CE and KL over the pairs, for the record
     with _lora_on_every_layer(subject, modules, r, alpha, seed) as adapters:
         starts = range(0, len(pair_list), batch_size)
         for start in tqdm(starts, desc="grad", unit="batch", disable=not progress):
-            chunk = pair_list[start:start + batch_size]
-            rows = [(p.group, p.a) for p in chunk] + [(p.group, p.b) for p in chunk]
-            logits = first_token_logits(subject.model, batcher.inputs(rows))
-            choices = [batcher.choice_ids(p.group) for p in chunk]
-            answer = torch.tensor([c[p.group.answer_index] for c, p in zip(choices, chunk)],
-                                  device=logits.device)
-            n = len(chunk)
-            terms = consistency_loss(logits[:n], logits[n:], answer, choices,
-                                     kl_weight=kl_weight, temperature=kl_temperature,
-                                     kl_over=kl_over)
+            terms = pair_terms(subject.model, batcher, pair_list[start:start + batch_size], loss)
             (terms.loss.sum() / len(pair_list)).backward()
             sums += torch.stack([terms.ce.sum(), terms.kl.sum()]).detach().double().cpu()
             forwards += 1
@@ -96,7 +91,7 @@ def grad_scores(subject: Subject, pairs: PairsLike, *, batch_size: int = 8, r: i
         "pairs)", subject.name,
         {"data": data, "batch_size": batch_size, "r": r, "alpha": alpha, "modules": list(modules),
          "seed": seed, "kl_weight": kl_weight, "kl_temperature": kl_temperature,
-         "kl_over": kl_over,
+         "kl_over": kl_over, "choice_reading": "merged" if merge_variants else "first",
          "loss_at_init": dict(zip(("ce", "kl"), (sums / len(pair_list)).tolist()))},
         {"seconds": time.perf_counter() - t0, "forwards": forwards, "backwards": forwards,
          "rows": 2 * len(pair_list)},

@@ -98,7 +98,7 @@ def train(model: Subject | str, pairs: str | Path | Sequence[QuestionGroup], *,
                        from_localization)
     out_dir = _prepare(out, overwrite, resume, reads, acc)
     subject = load_subject(model, dtype, concrete(where), trust_remote_code)
-    batcher = Batcher(subject)
+    batcher = Batcher(subject, merge_variants=cfg.merge_variants)
     for g in [*groups, *(eval_groups or [])]:
         batcher.choice_ids(g)  # a bad choice list fails now, not after an hour of training
     choice = resolve_layers(subject, groups, layers, cfg, from_localization, out_dir, resume,

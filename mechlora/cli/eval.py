@@ -37,6 +37,9 @@ def eval_command(
     n_boot: Annotated[int, typer.Option(help="Bootstrap replicates for the intervals (resampling "
                                         "questions; none below 5 questions).")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap and the image swap.")] = 0,
+    merge_variants: Annotated[bool, typer.Option(
+        help="Read each choice as all its case and leading-space variants (' yes', 'Yes', "
+        "...), summing their probabilities (docs/metrics.md).")] = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda if "
                                                "available).")] = None,
@@ -67,7 +70,8 @@ def eval_command(
     result = evaluate(model, pairs, adapters=adapter or (), gray=gray, noimage=noimage,
                       swap=swap, decode=decode, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, out=out, overwrite=overwrite, progress=progress,
-                      n_boot=n_boot, seed=seed, device=device, dtype=dtype)
+                      n_boot=n_boot, seed=seed, device=device, dtype=dtype,
+                      merge_variants=merge_variants)
     console = Console()
     if not console.is_terminal:  # a log file: one wide table rather than wrapped cells
         console = Console(width=240)

@@ -47,6 +47,10 @@ def localize(
     logit_lens: bool = typer.Option(True, help="Also record the per-layer logit-lens KL of "
                                     "the two clean runs (a full-vocabulary unembedding per "
                                     "layer: on CPU with a large vocabulary, much of the time)."),
+    merge_variants: bool = typer.Option(
+        False, help="Read each choice as all its case and leading-space variants (' yes', "
+        "'Yes', ...), summing their probabilities, instead of the one first token mechlora "
+        "would write (docs/localize.md)."),
     rule: str = typer.Option("window:5", help="Selection rule reported with the result."),
     dtype: str = typer.Option("auto", help="float32 | bfloat16 | float16 | auto."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
@@ -93,7 +97,7 @@ def localize(
     result = run(subject, pair_list, components=[c.strip() for c in sites.split(",")],
                  positions=positions, engine=engine, only_flips=only_flips, min_delta=min_delta,
                  max_rows=max_rows, max_bytes=limit, progress=not quiet, verify_top=verify_top,
-                 logit_lens=logit_lens)
+                 logit_lens=logit_lens, merge_variants=merge_variants)
     selection = select_layers(result.scores, rule) if result.n_pairs else None
     if selection is not None:
         result.settings["selection"] = {"rule": rule, "spec": str(selection.spec),

@@ -46,6 +46,9 @@ def train(
     kl_temperature: float = typer.Option(D.kl_temperature, help="Softmax temperature of the KL."),
     kl_over: str = typer.Option(D.kl_over, help="vocab (full vocabulary) | choices (the "
                                 "choices' first tokens, renormalised)."),
+    merge_variants: bool = typer.Option(
+        D.merge_variants, help="Read each choice as all its case and leading-space variants "
+        "(' yes', 'Yes', ...): CE on their summed probability (docs/train.md)."),
     seed: int = typer.Option(D.seed, help="Seed of the LoRA init, pair draws and dropout."),
     save_every: int = typer.Option(D.save_every, help="Checkpoint every N updates (0: never)."),
     keep_checkpoints: int = typer.Option(D.keep_checkpoints, help="Checkpoints to keep."),
@@ -92,7 +95,8 @@ def train(
         lr=lr, batch_size=batch_size, grad_accum=grad_accum, micro_batch=micro_batch,
         epochs=epochs, max_steps=max_steps, warmup=warmup, schedule=schedule,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, kl_weight=kl_weight,
-        kl_temperature=kl_temperature, kl_over=kl_over, seed=seed, save_every=save_every,
+        kl_temperature=kl_temperature, kl_over=kl_over, merge_variants=merge_variants,
+        seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, eval_every=eval_every,
         gradient_checkpointing=gradient_checkpointing, bf16=bf16, skip_nonfinite=skip_nonfinite,
         rule=rule, localize_groups=localize_groups,

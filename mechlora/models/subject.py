@@ -8,6 +8,7 @@ unembedding) and turns a question (+ image) into model inputs. It never touches 
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,6 +21,7 @@ from torch import nn
 
 from mechlora.errors import DataError, MechloraError
 from mechlora.models import family as families
+from mechlora.models.choices import ChoiceTokens, spellings
 
 # Dotted paths from the (unwrapped) HF model to its decoder-layer list, most specific first:
 # Gemma 3 / LLaVA VLMs, Llama-family decoders (Llama, Qwen2, Mistral, Gemma 2/3), GPT-2, NeoX.
@@ -281,6 +283,35 @@ class Subject:
                     field="choices")
             seen[i] = choice
         return ids
+
+    def choice_tokens(self, choices: Sequence[str], *, merge: bool = False,
+                      where: tuple[str | None, int | None] = (None, None)) -> ChoiceTokens:
+        """How this model's first answer token is read as each of `choices`.
+
+        `merge=False`: the one token of `answer_token_ids` per choice. `merge=True`: also every
+        case and leading-space variant of the choice that the tokenizer writes right after the
+        prompt as a single token (mechlora/models/choices.py says why only those).
+        """
+        first = self.answer_token_ids(choices, where=where)
+        if not merge:
+            return ChoiceTokens.single(first)
+        tok = self.tokenizer
+        prompt = self.prompt("?", with_image=False)
+        base = tok(prompt, add_special_tokens=False)["input_ids"]
+        special = set(tok.all_special_ids)  # an unknown word is <unk>: not a spelling of it
+        found = []
+        for choice, canonical in zip(choices, first, strict=True):
+            ids = [canonical]
+            for text in spellings(choice):
+                full = tok(prompt + text, add_special_tokens=False)["input_ids"]
+                if len(full) == len(base) + 1 and full[:len(base)] == base \
+                        and full[-1] not in special:
+                    ids.append(full[-1])
+            found.append(list(dict.fromkeys(ids)))
+        owners = Counter(i for ids in found for i in ids)
+        # A variant two choices share says nothing about which one is meant: drop it.
+        return ChoiceTokens(tuple(tuple(i for k, i in enumerate(ids) if k == 0 or owners[i] == 1)
+                                  for ids in found), "merged")
 
 
 def _processor_image_size(processor: Any) -> int:

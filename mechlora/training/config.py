@@ -38,6 +38,7 @@ class TrainConfig:
     kl_weight: float = 1.0
     kl_temperature: float = 1.0
     kl_over: str = "vocab"
+    merge_variants: bool = False  # read each choice as all its case/space variants (choices.py)
     seed: int = 0
     save_every: int = 100  # steps between checkpoints; 0: none
     keep_checkpoints: int = 2

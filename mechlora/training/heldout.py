@@ -20,7 +20,7 @@ def heldout_check(run: Run, groups: Sequence[QuestionGroup], step: int) -> dict:
     rows_per_forward = 2 * (run.micro_batch or run.cfg.pairs_per_step)
     with run.acc.autocast():
         result = evaluate(run.subject, groups, gray=False, swap=False, progress=False, n_boot=1,
-                          batch_size=rows_per_forward)
+                          batch_size=rows_per_forward, merge_variants=run.cfg.merge_variants)
     m = result.metrics[BASE]  # the arm of the model as given, here with its adapter on
     choice, share = top_choice([r["pred_choice"] for r in result.records])
     return {"kind": "eval", "step": step, "flip_rate": m["pairwise_flip_rate"]["value"],

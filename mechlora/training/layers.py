@@ -90,7 +90,7 @@ def _localize_here(subject, groups, cfg: TrainConfig, here: Path | None, acc, pr
         tqdm.write(f"layers auto: no localization given (--from), so localizing {len(sample)} of "
                    f"the {len(groups)} training groups first; rule {cfg.rule}")
     loc = localize(subject, make_pairs(sample, max_pairs_per_group=2, seed=cfg.seed),
-                   progress=progress and main)
+                   progress=progress and main, merge_variants=cfg.merge_variants)
     if here is not None:
         loc.save(here)
         if acc is not None:

@@ -45,9 +45,8 @@ def pair_terms(model, batcher: Batcher, pairs: Sequence[Pair], cfg: TrainConfig)
     """Loss terms of `pairs`; both wordings of all of them in one forward."""
     rows = [(p.group, p.a) for p in pairs] + [(p.group, p.b) for p in pairs]
     logits = first_token_logits(model, batcher.inputs(rows))
-    choices = [batcher.choice_ids(p.group) for p in pairs]
-    answer = torch.tensor([c[p.group.answer_index] for c, p in zip(choices, pairs, strict=True)],
-                          device=logits.device)
+    choices = [batcher.choice_tokens(p.group) for p in pairs]
+    answer = [c.ids[p.group.answer_index] for c, p in zip(choices, pairs, strict=True)]
     n = len(pairs)
     return consistency_loss(logits[:n], logits[n:], answer, choices, kl_weight=cfg.kl_weight,
                             temperature=cfg.kl_temperature, kl_over=cfg.kl_over)
