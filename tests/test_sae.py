@@ -51,6 +51,11 @@ def test_planted_feature_is_ranked_first(planted):
     x = last_resid(subject, K)
     direct = (sae.encode(torch.stack(x["a"])) - sae.encode(torch.stack(x["b"])))[:, F_STAR]
     np.testing.assert_allclose(ranking.per_pair[:, 0], direct.numpy(), rtol=1e-5)
+    xs = torch.cat([torch.stack(x["a"]), torch.stack(x["b"])])
+    rel = sae.error(xs).norm(dim=-1) / xs.norm(dim=-1)
+    assert ranking.fit["relative_error"] == pytest.approx(float(rel.mean()), rel=1e-4)
+    assert ranking.fit["n_positions"] == 6
+    assert ranking.fit["l0"] == pytest.approx(float((sae.encode(xs) != 0).sum(-1).double().mean()))
 
 
 def test_patching_the_planted_feature_restores_and_a_random_one_does_not(planted):
@@ -71,13 +76,30 @@ def test_patching_the_planted_feature_restores_and_a_random_one_does_not(planted
     assert abs(result.summary()["error_share"]["mean"]) < 0.1  # the SAE reconstructs the gate
 
 
-def test_feature_patches_run_on_every_exact_engine_alike(planted):
+@pytest.mark.parametrize("positions", ["last", "suffix:3"])
+def test_feature_patches_run_on_every_exact_engine_alike(planted, positions):
     subject, sae = planted
     runs = {e: patch_features(subject, sae, planted_groups(), [F_STAR, 3], engine=e,
-                              n_random=2, progress=False) for e in ("cached", "full")}
-    assert runs["cached"].engine == "cached" and runs["full"].engine == "full"
-    np.testing.assert_allclose(runs["cached"].restoration, runs["full"].restoration, atol=1e-4)
-    np.testing.assert_array_equal(runs["cached"].random_features, runs["full"].random_features)
+                              n_random=2, positions=positions, progress=False)
+            for e in ("cached", "batched", "full")}
+    for engine, result in runs.items():
+        assert result.engine == engine
+        np.testing.assert_allclose(result.restoration, runs["full"].restoration, atol=1e-4)
+        np.testing.assert_array_equal(result.random_features, runs["full"].random_features)
+    assert np.all(np.abs(runs["full"].row(f"f{F_STAR}") - 1) < 0.15)
+
+
+def test_bf16_model_with_a_float32_sae():
+    subject = planted_subject(K)
+    sae = planted_sae(subject, K)  # fitted on the float32 model
+    subject.model.to(torch.bfloat16)
+    for engine in ("cached", "full"):
+        result = patch_features(subject, sae, planted_groups(), [], n_random=0, engine=engine,
+                                progress=False)
+        assert np.all(result.row("set") == 0)  # x_b written back in bf16 is x_b itself
+    result = patch_features(subject, sae, planted_groups(), [F_STAR], n_random=0,
+                            progress=False)
+    assert np.all(np.abs(result.row(f"f{F_STAR}") - 1) < 0.15)
 
 
 def test_the_error_term_is_kept(planted):
@@ -284,9 +306,15 @@ def test_bad_files_are_refused_naming_what_they_hold(tmp_path, tiny_text):
     with pytest.raises(MechloraError, match="normalisation"):
         load_sae(write(tmp_path / "d", "x.safetensors", w,
                        {"normalize_activations": "expected_average_only_in"}))
-    with pytest.raises(MechloraError, match="not the residual stream"):
-        load_sae(write(tmp_path / "e", "x.safetensors", w,
-                       {"hook_name": "blocks.3.hook_mlp_out"}))
+    for i, hook in enumerate(("blocks.3.hook_mlp_out", "model.layers.3.self_attn.o_proj.input",
+                              "model.layers.3.post_feedforward_layernorm.output")):
+        with pytest.raises(MechloraError, match="not the residual stream"):
+            load_sae(write(tmp_path / f"e{i}", "x.safetensors", w,
+                           {"hook_name": hook} if i == 0 else {"hf_hook_point_in": hook}))
+    clt = {"hf_hook_point_in": "model.layers.3.pre_feedforward_layernorm.output",
+           "hf_hook_point_out": "model.layers.3.post_feedforward_layernorm.output"}
+    with pytest.raises(MechloraError, match="transcoder"):
+        load_sae(write(tmp_path / "clt", "params.safetensors", w, clt, "config.json"))
     with pytest.raises(MechloraError, match="disagrees"):
         load_sae(write(tmp_path / "f", "x.safetensors", w,
                        {"hf_hook_point_in": "model.layers.3.output"}), layer=2)

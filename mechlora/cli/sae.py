@@ -98,6 +98,8 @@ def rank(model: Model, sae: SaeFile, out: Out, pairs: Pairs = None, layer: Layer
                            progress=not quiet, merge_variants=merge_variants)
     result.save(out, overwrite=overwrite, plotlyjs=plotlyjs)
     lo, hi = result.ci()
+    typer.echo(f"reconstruction: ||e||/||x|| = {result.fit['relative_error']:.3g}, "
+               f"L0 = {result.fit['l0']:.1f} per position")
     typer.echo(f"{result.n_pairs} pairs; top features by {score} score (95% CI):")
     for i, f in enumerate(result.top[:10]):
         typer.echo(f"  {i + 1:>2}. f{int(f)}  {result.mean[f]:.4g}  [{lo[i]:.3g}, {hi[i]:.3g}]")

@@ -54,6 +54,12 @@ def write_rank_report(ranking, path: str | Path, plotlyjs: str = "embed") -> Pat
     page.text(f"{doc['n_pairs']} pairs of wordings from {doc['n_groups']} questions "
               f"({'flip pairs only' if doc['settings'].get('only_flips') else 'all pairs'}); "
               f"score: {kind}.")
+    fit = doc["fit"]
+    page.text(f"Reconstruction on these prompts: ||e|| / ||x|| = {fit['relative_error']:.3g} on "
+              f"average (largest {fit['relative_error_max']:.3g}), {fit['l0']:.1f} active "
+              f"features per position, over {fit['n_positions']} positions. A large error "
+              "means the SAE does not describe this model's residual stream well (an SAE "
+              "trained on another model, or on a base model before tuning).")
     feats = doc["features"]
     if feats:
         names = [f"f{r['id']}" for r in feats]

@@ -1,7 +1,7 @@
 """Sparse-autoencoder features at a residual site: load, rank, patch, clamp (docs/sae.md).
 
     from mechlora.sae import load_sae, rank_features, patch_features, clamp_eval
-    sae = load_sae("resid_post/layer_17_width_16k_l0_medium/params.safetensors")
+    sae = load_sae("resid_post_all/layer_17_width_16k_l0_small/params.safetensors")
     ranking = rank_features(subject, sae, "pairs.jsonl")             # layer from its config
     patched = patch_features(subject, sae, "pairs.jsonl", ranking.features(5))
     clamped = clamp_eval(subject, sae, ranking.features(1)[0], "mean:0", "pairs.jsonl")

@@ -108,7 +108,9 @@ def rank_features(subject, sae: SAE, pairs, *, layer: int | None = None,
     when the feature is higher in the wording whose margin is larger (toward the reference
     answer), ranked by its absolute value. Multi-position sets average over the positions.
     `only_flips` (default) keeps the pairs whose predicted answers differ. The `top`
-    features get per-pair values and 95% cluster-bootstrap intervals over questions.
+    features get per-pair values and 95% cluster-bootstrap intervals over questions. `fit`
+    records how well the SAE reconstructs these residuals (||e|| / ||x|| and L0 over every
+    wording's aligned positions): an SAE trained on another model shows it here.
     """
     subject = _subject(subject)
     if score not in SCORES:
@@ -123,15 +125,19 @@ def rank_features(subject, sae: SAE, pairs, *, layer: int | None = None,
     t0 = time.perf_counter()
     total = torch.zeros(sae.d_sae, dtype=torch.float64)
     active = torch.zeros(sae.d_sae, dtype=torch.float64)
-    n_wordings = 0
+    n_wordings, errors, l0 = 0, [], []
+    site = Site(layer, "resid")
     rows, ids_, groups, ma, mb = [], [], [], [], []
     bar = tqdm(total=len(pairs), desc="sae rank", unit="pair", disable=not progress)
     with torch.inference_mode():
         for g, _, chunk, runs, z in _groups_of_runs(subject, sae, pairs, layer, positions,
                                                     keep_prefix=False,
                                                     merge_variants=merge_variants, bar=bar):
-            for zv in z.values():
+            for v, zv in z.items():
                 active += (zv != 0).any(0).double().cpu()
+                x = runs[v].values[site].float()
+                errors += (sae.error(x).norm(dim=-1).cpu() / x.norm(dim=-1).cpu()).tolist()
+                l0 += (zv != 0).sum(-1).cpu().tolist()
                 n_wordings += 1
             for pair in chunk:
                 a, b = runs[pair.a], runs[pair.b]
@@ -160,6 +166,8 @@ def rank_features(subject, sae: SAE, pairs, *, layer: int | None = None,
         sae=sae.describe(), pair_ids=ids_, group_ids=groups, margin_a=np.array(ma),
         margin_b=np.array(mb), mean=mean, top=chosen, per_pair=per_pair.astype(np.float64),
         active=(active / max(n_wordings, 1)).numpy(), n_boot=n_boot,
+        fit={"relative_error": float(np.mean(errors)), "relative_error_max": float(max(errors)),
+             "l0": float(np.mean(l0)), "n_positions": len(errors)},
         settings={"only_flips": only_flips, "n_pairs_in": len(pairs),
                   "n_wordings": n_wordings, "choice_reading":
                   "merged" if merge_variants else "first",
@@ -234,11 +242,10 @@ def patch_features(subject, sae: SAE, pairs, features: Sequence[int], *,
             for v in dict.fromkeys(p.b for p, _ in kept):
                 donors = [(p, d) for p, d in kept if p.b == v]
                 b = runs[v]
-                patches = []
+                x_b, patches = b.values[site], []
                 for p, _ in donors:
-                    sets, drawn[p.id] = _row_sets(sae, chosen, z[p.a], z[p.b], n_random,
+                    sets, drawn[p.id] = _row_sets(chosen, z[p.a], z[p.b], n_random,
                                                   f"{seed}:{p.id}")
-                    x_b = b.values[site]
                     values = [patched_resid(sae, x_b, z[p.a], z[v], s) for s in sets]
                     values.append(runs[p.a].values[site])  # the whole residual
                     patches += [SitePatch(site, b.positions, x) for x in values]
@@ -272,7 +279,7 @@ def patch_features(subject, sae: SAE, pairs, features: Sequence[int], *,
                   "seconds": round(time.perf_counter() - t0, 3)})
 
 
-def _row_sets(sae: SAE, chosen: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor,
+def _row_sets(chosen: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor,
               n_random: int, seed: str) -> tuple[list[torch.Tensor | None], np.ndarray]:
     """The feature set of every row but `resid` (None = all features), and the random draws
     [n_random, len(chosen)] (-1 where the pair has too few differing features)."""

@@ -65,7 +65,7 @@ def load_sae(path: str | Path, *, k: int | None = None, layer: int | None = None
              for name, t in tensors.items()}
     names = set(lower) - OPTIONAL_KEYS
     if names == MATRIX_KEYS:
-        weights, layout = {n: lower[n] for n in MATRIX_KEYS}, _matrix_layout(file, cfg)
+        weights, layout = {n: lower[n] for n in MATRIX_KEYS}, _matrix_layout(cfg)
         subtract = bool(cfg.get("apply_b_dec_to_input", layout == "saelens"))
     elif names == SPARSIFY_KEYS:
         weights = {"W_enc": lower["encoder.weight"].T, "b_enc": lower["encoder.bias"],
@@ -78,13 +78,13 @@ def load_sae(path: str | Path, *, k: int | None = None, layer: int | None = None
     else:
         raise MechloraError(f"{file} is in no SAE layout mechlora knows: it holds "
                             f"{_describe(tensors)}; expected {LAYOUT_HELP}")
-    notes = _check_scaling(file, lower, cfg)
+    _check_scaling(file, lower)
     _check_normalisation(file, cfg)
     threshold = lower.get("threshold")
     if threshold is None and "log_threshold" in lower:  # SAELens training checkpoints
         threshold = lower["log_threshold"].exp()
     activation, k = _activation(file, cfg, threshold is not None, k)
-    hook = _hook(cfg, file)
+    hook = _hook(cfg, file, layout)
     from_config = _layer_of(hook, file) if hook else None
     if layer is not None and from_config is not None and layer != from_config:
         raise MechloraError(f"layer {layer} disagrees with {cfg_file}, which says the SAE "
@@ -93,9 +93,13 @@ def load_sae(path: str | Path, *, k: int | None = None, layer: int | None = None
     sae = SAE(**weights, activation=activation,
               threshold=threshold if activation == "jumprelu" else None, k=k,
               subtract_b_dec=subtract, layer=from_config if layer is None else layer,
-              hook=hook, source=str(file), layout=layout, notes=notes)
+              hook=hook, source=str(file), layout=layout)
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
+        name = dtype.removeprefix("torch.")
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise MechloraError(f"SAE dtype '{name}' is not a floating-point torch dtype; use "
+                                "float32, bfloat16 or float16")
     return sae.to(device=device, dtype=dtype)
 
 
@@ -147,7 +151,7 @@ def _describe(tensors: dict[str, torch.Tensor]) -> str:
     return ", ".join(f"{name} {list(t.shape)}" for name, t in sorted(tensors.items()))
 
 
-def _matrix_layout(file: Path, cfg: dict) -> str:
+def _matrix_layout(cfg: dict) -> str:
     if "hf_hook_point_in" in cfg or cfg.get("architecture") == "jump_relu" or not cfg:
         return "gemma-scope"
     return "saelens"
@@ -158,10 +162,10 @@ def _hook_out_differs(cfg: dict) -> bool:
     return out is not None and out != (cfg.get("hf_hook_point_in") or cfg.get("hook_name"))
 
 
-def _check_scaling(file: Path, tensors: dict, cfg: dict) -> list[str]:
+def _check_scaling(file: Path, tensors: dict) -> None:
     scale = tensors.get("scaling_factor")
     if scale is None or bool(torch.all(scale == 1)):
-        return []
+        return
     raise MechloraError(f"{file} carries a scaling_factor other than 1 (a fine-tuning scale "
                         "SAELens applies to the features); fold it into W_dec first")
 
@@ -200,13 +204,13 @@ def _activation(file: Path, cfg: dict, has_threshold: bool, k: int | None
     return "relu", None
 
 
-def _hook(cfg: dict, file: Path) -> str | None:
+def _hook(cfg: dict, file: Path, layout: str) -> str | None:
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     for hook in (cfg.get("hf_hook_point_in"), cfg.get("hook_name"), meta.get("hook_name"),
                  cfg.get("hook_point")):
         if hook:
             return str(hook)
-    if cfg and file.name == "sae.safetensors":  # sparsify: the folder is the hookpoint
+    if layout == "sparsify":  # the folder is named after the hookpoint
         return file.parent.name
     return None
 

@@ -12,7 +12,7 @@ dz[F] W_dec[F] and leaves the rest of x (including e) as it is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -42,7 +42,6 @@ class SAE:
     hook: str | None = None
     source: str = ""
     layout: str = "python"
-    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -134,7 +133,7 @@ class SAE:
         return {"source": self.source, "layout": self.layout, "activation": self.activation,
                 "k": self.k, "d_model": self.d_model, "d_sae": self.d_sae,
                 "subtract_b_dec": self.subtract_b_dec, "hook": self.hook, "layer": self.layer,
-                "dtype": str(self.dtype).removeprefix("torch."), "notes": list(self.notes)}
+                "dtype": str(self.dtype).removeprefix("torch.")}
 
 
 def patched_resid(sae: SAE, x_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor,

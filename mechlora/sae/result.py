@@ -90,6 +90,7 @@ class FeatureRanking:
     top: np.ndarray            # [N] feature ids, best first
     per_pair: np.ndarray       # [n_pairs, N] scores of the top features
     active: np.ndarray         # [d_sae] share of wordings on which the feature is active
+    fit: dict[str, Any] = field(default_factory=dict)  # relative_error, l0 on these residuals
     n_boot: int = 1000
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -117,7 +118,7 @@ class FeatureRanking:
             "layer": self.layer, "site": f"resid@{self.layer}", "positions": self.positions,
             "score": self.score, "sae": self.sae, "n_pairs": self.n_pairs,
             "n_groups": len(set(self.group_ids)), "n_boot": self.n_boot,
-            "interval": interval(self.n_boot), "features": rows,
+            "interval": interval(self.n_boot), "fit": self.fit, "features": rows,
             "pairs": _pairs(self.pair_ids, self.group_ids, self.margin_a, self.margin_b),
             "settings": self.settings})
 
@@ -144,7 +145,7 @@ class FeatureRanking:
                    pair_ids=[p["id"] for p in doc["pairs"]],
                    group_ids=[p["group"] for p in doc["pairs"]], margin_a=arrays["margin_a"],
                    margin_b=arrays["margin_b"], mean=arrays["mean"], top=arrays["top"],
-                   per_pair=arrays["per_pair"], active=arrays["active"],
+                   per_pair=arrays["per_pair"], active=arrays["active"], fit=doc["fit"],
                    n_boot=doc["n_boot"], settings=doc["settings"])
 
 
