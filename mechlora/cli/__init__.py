@@ -27,7 +27,7 @@ def _register() -> None:
     # Imported for their side effect of adding commands to `app`.
     import importlib
 
-    for name in ("localize", "select", "train", "eval", "demo"):
+    for name in ("localize", "select", "train", "eval", "demo", "sae"):
         try:
             importlib.import_module(f"mechlora.cli.{name}")
         except ModuleNotFoundError as e:  # a command whose module is not written yet
