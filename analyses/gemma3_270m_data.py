@@ -347,11 +347,16 @@ def cmd_build(args: argparse.Namespace) -> None:
             files[f"baked/{name}"] = [bake(r, prefix) for r in files[name]]
     from mechlora.data import load_groups
     from mechlora.io import atomic_write_text
-    for name, records in files.items():
-        path = out / name
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                        for r in records))
-        load_groups(path)  # the file must load in mechlora as it is
+    texts = {name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+             for name, records in files.items()}
+    changed = [n for n, t in texts.items()
+               if (out / n).exists() and (out / n).read_text(encoding="utf-8") != t]
+    if changed and not args.overwrite:
+        fail(f"{out}: {len(changed)} files would change ({', '.join(changed[:3])}...); pass "
+             "--overwrite to replace them")
+    for name, text in texts.items():
+        atomic_write_text(out / name, text)
+        load_groups(out / name)  # the file must load in mechlora as it is
     counts = {s: dict(Counter("first" if it.answer == it.choices[0] else "second"
                               for it in items if split_of[it.id] == s)) for s in SPLITS}
     print(f"{task.name}: {len(items)} items in {len({it.category for it in items})} categories, "
@@ -730,10 +735,15 @@ def formats_by_name(task: Task, names: str | None) -> list[Format]:
     return [known[n] for n in names.split(",")]
 
 
-def write_summary(path: Path, obj: dict, overwrite: bool) -> None:
-    from mechlora.io import write_json
+def refuse_overwrite(path: Path, overwrite: bool) -> Path:
+    """Checked before any model work, so that a long run does not end in a refusal."""
     if path.exists() and not overwrite:
         fail(f"{path} exists; pass --overwrite to replace it")
+    return path
+
+
+def write_summary(path: Path, obj: dict) -> None:
+    from mechlora.io import write_json
     write_json(path, obj)
     print(f"wrote {path}")
 
@@ -748,6 +758,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
     task = TASKS[args.task]
     fmts = formats_by_name(task, args.formats)
     data = Path(args.data) if args.data else DATA / task.name
+    path = refuse_overwrite(Path(args.out), args.overwrite)
     t0 = time.perf_counter()
     subject = load_subject(args.threads)
     reader = Reader(subject)
@@ -760,7 +771,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
         print(json.dumps(format_row(fmt, m)), flush=True)
     out["shared_variant_tokens_dropped"] = {"|".join(k): v for k, v in
                                             reader.dropped_shared.items()}
-    write_summary(Path(args.out), out, args.overwrite)
+    write_summary(path, out)
 
 
 EXAMPLE = {"yesno": "Is a cat a bird?", "cloze": "Ice is very"}
@@ -770,6 +781,7 @@ def cmd_choose(args: argparse.Namespace) -> None:
     task = TASKS[args.task]
     fmts = formats_by_name(task, args.formats)
     data = Path(args.data) if args.data else DATA / task.name
+    path = refuse_overwrite(Path(args.out) if args.out else data / "summary.json", args.overwrite)
     t0 = time.perf_counter()
     subject = load_subject(args.threads)
     reader = Reader(subject)
@@ -793,7 +805,7 @@ def cmd_choose(args: argparse.Namespace) -> None:
             print(split, json.dumps(format_row(fmt, out[split])), flush=True)
     out["shared_variant_tokens_dropped"] = {"|".join(k): v for k, v in
                                             reader.dropped_shared.items()}
-    write_summary(Path(args.out) if args.out else data / "summary.json", out, args.overwrite)
+    write_summary(path, out)
 
 
 def cmd_timing(args: argparse.Namespace) -> None:
@@ -804,6 +816,7 @@ def cmd_timing(args: argparse.Namespace) -> None:
     task = TASKS[args.task]
     data = Path(args.data) if args.data else DATA / task.name
     fmt = formats_by_name(task, args.format)[0]
+    path = refuse_overwrite(Path(args.out), args.overwrite)
     t0 = time.perf_counter()
     subject = replace(load_subject(args.threads), template=fmt.mechlora_template)
     load_s = time.perf_counter() - t0
@@ -843,7 +856,7 @@ def cmd_timing(args: argparse.Namespace) -> None:
                         "pairs per step, CE + symmetric KL, on train.jsonl; seconds_per_step is "
                         "the difference of the wall times of the largest and smallest N over "
                         "their step difference, so adapter setup and the first save cancel")
-    write_summary(Path(args.out), res, args.overwrite)
+    write_summary(path, res)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -863,6 +876,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--source", default=None, help="facts.txt / items.txt (default: the task's)")
     b.add_argument("--out", default=None, help="output folder (default: the task's folder)")
     b.add_argument("--seed", type=int, default=0, help="seed of the split assignment")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace files whose content would change (identical files are kept)")
     b.add_argument("--baked-shots", type=int, default=0,
                    help="yesno: also write baked/*.jsonl with this many solved examples inside "
                         "every wording (default 0: none)")

@@ -169,3 +169,14 @@ def test_cached_prefix_reading_equals_full_prompts_and_merges_variants():
         assert math.isclose(row["merged"], float(lp[yes].logsumexp(0) - lp[no].logsumexp(0)),
                             abs_tol=1e-4)
         assert math.isclose(row["mass"], float(lp[yes + no].exp().sum()), rel_tol=1e-4)
+
+
+def test_build_refuses_to_change_files_without_overwrite(tmp_path, capsys):
+    gd.main(["build", "--task", "cloze", "--out", str(tmp_path)])
+    gd.main(["build", "--task", "cloze", "--out", str(tmp_path)])  # identical: fine
+    (tmp_path / "test.jsonl").write_text("edited\n")
+    with pytest.raises(SystemExit) as e:
+        gd.main(["build", "--task", "cloze", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    gd.main(["build", "--task", "cloze", "--out", str(tmp_path), "--overwrite"])
+    assert (tmp_path / "test.jsonl").read_text() == (gd.DATA / "cloze" / "test.jsonl").read_text()
