@@ -32,12 +32,15 @@ def default_device() -> str:
 
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
                device: str | None = None, trust_remote_code: bool = False,
-               layers_path: str | None = None, adapter: str | None = None) -> Subject:
+               layers_path: str | None = None, adapter: str | None = None,
+               template: str | None = None) -> Subject:
     """A `Subject` for a built-in preset, a local model folder, or a hub id.
 
     Presets: tiny-gemma3-vlm, tiny-gemma3-text, medgemma-4b (meta device), organism. Hub ids
     load from the local cache when offline; a missing model gets a clear error. `adapter`
-    applies a PEFT adapter folder on top.
+    applies a PEFT adapter folder on top. `template` (with "{question}") prompts a model that
+    has no chat template; the tokenizer's BOS is put in front of it when the tokenizer would
+    add one.
     """
     device = device or default_device()
     torch_dtype = parse_dtype(dtype)
@@ -50,7 +53,8 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
     model.eval()
     if adapter is not None:
         model = load_adapter(model, adapter)
-    return Subject(model, processor, name=name_or_path, layers_path=layers_path)
+    kw = {"template": template} if template else {}
+    return Subject(model, processor, name=name_or_path, layers_path=layers_path, **kw)
 
 
 def _from_pretrained(name: str, dtype, device: str, trust_remote_code: bool):

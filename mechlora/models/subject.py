@@ -209,10 +209,25 @@ class Subject:
         return bool(getattr(self.processor, "chat_template", None)
                     or getattr(self.tokenizer, "chat_template", None))
 
+    @cached_property
+    def _bos(self) -> str:
+        """The BOS token text when the tokenizer starts every sequence with it, else "".
+
+        Prompts are encoded with `add_special_tokens=False` (a chat template writes its own
+        BOS), so a plain template must carry it: without it Gemma 3 270M puts 0.4% of its
+        probability on yes/no after "Answer:" instead of ~43% (analyses/data/gemma3_270m).
+        """
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token", None)
+        if not bos or tok.bos_token_id is None:
+            return ""
+        adds = tok("a", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]
+        return bos if adds else ""
+
     def prompt(self, question: str, with_image: bool = False) -> str:
         """The prompt text; the answer's first token is predicted at its last position."""
         if not self._has_chat_template:
-            return self.template.format(question=question)
+            return self._bos + self.template.format(question=question)
         if with_image:
             content = [{"type": "image"}, {"type": "text", "text": question}]
         elif self.is_vlm:
