@@ -461,7 +461,8 @@ def evaluate(subject_or_name: Subject | str, pairs: str | Path | Sequence[Questi
              max_new_tokens: int = 16, batch_size: int = 16, out: str | Path | None = None,
              overwrite: bool = False, progress: bool = True, n_boot: int = 2000, seed: int = 0,
              device: str | None = None, dtype: str | None = None,
-             merge_variants: bool = False) -> EvalResult:
+             merge_variants: bool = False, low_choice_mass: float = LOW_CHOICE_MASS
+             ) -> EvalResult:
     """Evaluate the base model and each adapter on every wording of every question.
 
     `gray` / `swap`: None runs them when the model and data allow (a VLM, questions with
@@ -469,7 +470,8 @@ def evaluate(subject_or_name: Subject | str, pairs: str | Path | Sequence[Questi
     the prediction with the image removed from the prompt. `out`: a folder for eval.json,
     predictions.jsonl and report.html. `device` / `dtype` apply when a name is given.
     `merge_variants` reads each choice as all its case and leading-space variants
-    (mechlora/models/choices.py); the reading is recorded in the settings.
+    (mechlora/models/choices.py); the reading is recorded in the settings. An arm whose mean
+    choice mass is below `low_choice_mass` gets a note (docs/metrics.md).
     """
     if batch_size < 1:
         raise MechloraError(f"batch size must be at least 1, got {batch_size}")
@@ -508,11 +510,12 @@ def evaluate(subject_or_name: Subject | str, pairs: str | Path | Sequence[Questi
                                "seed": seed, "level": 0.95, "device": str(subject.device),
                                "dtype": str(next(subject.model.parameters()).dtype),
                                "choice_reading": "merged" if merge_variants else "first",
+                               "low_choice_mass": low_choice_mass,
                                "choice_tokens": {"/".join(c): [list(v) for v in t.ids]
                                                  for c, t in answer_ids.items()}})
     for name, m in result.metrics.items():
         mass = m["choice_mass"]["value"]
-        if mass is not None and mass < LOW_CHOICE_MASS:
+        if mass is not None and mass < low_choice_mass:
             result.notes.append(LOW_MASS_NOTE.format(arm=name, mass=mass))
     if out is not None:
         result.save(out, overwrite=overwrite)
@@ -537,7 +540,9 @@ def _result(model: str, groups: list[QuestionGroup], data_path: str | None,
                 choice_mass=o.mass[i] if o.mass else float("nan"))
             preds[name].append(p)
             records.append(_record(name, g, p, swap_map, o.decoded[i], settings["decode"]))
-    metrics = {n: compute_metrics(preds[n], n_boot=n_boot, seed=seed) for n in names}
+    low = settings.get("low_choice_mass", LOW_CHOICE_MASS)
+    metrics = {n: compute_metrics(preds[n], n_boot=n_boot, seed=seed, low_choice_mass=low)
+               for n in names}
     comparisons = {n: compare(preds[BASE], preds[n], n_boot=n_boot, seed=seed)
                    for n in names[1:]}
     data = {"path": data_path, "hash": data_hash(groups), "n_groups": len(groups),

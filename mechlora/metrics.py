@@ -222,15 +222,16 @@ def _mean(values: np.ndarray, clusters: np.ndarray, o: _Opts) -> dict[str, Any]:
 LOW_CHOICE_MASS = 0.5
 
 
-def _choice_mass(preds: list[VariantPrediction], o: _Opts) -> dict[str, Any]:
-    """Mean probability on the choices' tokens, and the share of wordings below LOW_CHOICE_MASS."""
+def _choice_mass(preds: list[VariantPrediction], o: _Opts, low: float = LOW_CHOICE_MASS
+                 ) -> dict[str, Any]:
+    """Mean probability on the choices' tokens, and the share of wordings below `low`."""
     gid = {g: i for i, g in enumerate(group_predictions(preds))}
     mass = np.asarray([r.choice_mass for r in preds], dtype=float)
     clusters = np.asarray([gid[r.group_id] for r in preds], dtype=int)
     out = _mean(mass, clusters, o)
     known = np.isfinite(mass)
-    out["share_low"] = float((mass[known] < LOW_CHOICE_MASS).mean()) if known.any() else None
-    out["low_threshold"] = LOW_CHOICE_MASS
+    out["share_low"] = float((mass[known] < low).mean()) if known.any() else None
+    out["low_threshold"] = low
     return out
 
 
@@ -338,8 +339,12 @@ def _settings(level: float, n_boot: int, seed: int, **extra: Any) -> dict[str, A
 
 
 def compute_metrics(preds: Iterable[VariantPrediction | Mapping[str, Any]], *,
-                    n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
-    """All single-model metrics (see docs/metrics.md) as a JSON-serialisable dict."""
+                    n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                    low_choice_mass: float = LOW_CHOICE_MASS) -> dict[str, Any]:
+    """All single-model metrics (see docs/metrics.md) as a JSON-serialisable dict.
+
+    `low_choice_mass`: the choice mass below which a wording counts as not answering in the
+    format asked (0.5 suits yes/no; an open cloze spreads over many words and needs less)."""
     recs = to_predictions(preds)
     o = _Opts(level=level, n_boot=n_boot, seed=seed)
     q = question_table(recs)
@@ -350,7 +355,7 @@ def compute_metrics(preds: Iterable[VariantPrediction | Mapping[str, Any]], *,
         "swap_sensitivity": _agreement(recs, "pred_swap", differ=True, o=o),
         "image_reliance_quadrants": _quadrants(q),
         "flip_auroc": _flip_auroc(q, o),
-        "choice_mass": _choice_mass(recs, o),
+        "choice_mass": _choice_mass(recs, o, low_choice_mass),
         "by_type": _by_type(recs, o),
         "by_phenomenon": _by_phenomenon(recs, o),
         "settings": _settings(level, n_boot, seed),

@@ -205,3 +205,15 @@ def test_training_reads_the_answer_the_same_way(tmp_path):
     want = -(torch.log(p[yes].sum()) + torch.log(p[no].sum())) / 2
     assert first["ce"] == pytest.approx(float(want), abs=1e-3)
     assert run.record["config"]["merge_variants"] is True
+
+
+def test_the_low_mass_threshold_is_the_users():
+    chatty = spelling_model({**LOGITS, "▁the": 6.0})
+    strict = evaluate(chatty, groups(), progress=False, n_boot=10, merge_variants=True)
+    mass = strict.metrics[BASE]["choice_mass"]["value"]
+    assert 0.1 < mass < 0.5 and any("format asked" in n for n in strict.notes)
+    lenient = evaluate(chatty, groups(), progress=False, n_boot=10, merge_variants=True,
+                       low_choice_mass=0.1)
+    assert not any("format asked" in n for n in lenient.notes)
+    assert lenient.metrics[BASE]["choice_mass"]["share_low"] == 0.0
+    assert lenient.settings["low_choice_mass"] == 0.1

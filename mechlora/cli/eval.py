@@ -40,6 +40,10 @@ def eval_command(
     merge_variants: Annotated[bool, typer.Option(
         help="Read each choice as all its case and leading-space variants (' yes', 'Yes', "
         "...), summing their probabilities (docs/metrics.md).")] = False,
+    min_choice_mass: Annotated[float, typer.Option(
+        help="Note an arm whose mean probability on the choices' tokens is below this: it is "
+        "mostly not answering in the format asked (0.5 suits yes/no; a cloze needs less).")
+    ] = 0.5,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda if "
                                                "available).")] = None,
@@ -71,7 +75,7 @@ def eval_command(
                       swap=swap, decode=decode, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, out=out, overwrite=overwrite, progress=progress,
                       n_boot=n_boot, seed=seed, device=device, dtype=dtype,
-                      merge_variants=merge_variants)
+                      merge_variants=merge_variants, low_choice_mass=min_choice_mass)
     console = Console()
     if not console.is_terminal:  # a log file: one wide table rather than wrapped cells
         console = Console(width=240)
