@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechlora.compare import compare, parse_arms
+from mechlora.compare import CompareResult, compare, parse_arms
 from mechlora.compare.summary import Table, single_layer_test, spearman
 from mechlora.data import EXAMPLE_PATH, load_groups
 from mechlora.errors import MechloraError
@@ -121,6 +121,11 @@ def test_compare_end_to_end_resume_and_paired_test(data, tmp_path, monkeypatch) 
                     for s in ("0", "1")]
         block = auto["by_phenomenon"][ph]["original_flip_rate"]
         assert block["per_seed"] == pytest.approx(per_seed)
+
+    loaded = CompareResult.load(out)
+    assert loaded.doc == doc and loaded.predictions == result.predictions
+    assert set(loaded.predictions) == {"base", *doc["arms"]} and set(loaded.predictions["auto"]) \
+        == {0, 1}
 
     # a second call trains and evaluates nothing
     monkeypatch.setattr(S, "optimizer_step", None)

@@ -318,8 +318,6 @@ def _predictions(subject: Subject, groups, folder: Path, adapter: Path | None,
                  options: dict) -> _Predictions:
     """Predictions of the base (adapter None) or an adapter on `groups`, cached in
     FOLDER/eval/ and reused while the data, adapter weights and settings are the same."""
-    import torch
-
     from mechlora.evaluate import attached, evaluate
 
     here = folder / "eval"
@@ -334,13 +332,12 @@ def _predictions(subject: Subject, groups, folder: Path, adapter: Path | None,
             return _Predictions(_read_predictions(folder), doc["seconds"], True,
                                 doc.get("notes", []))
     t0 = time.perf_counter()
-    with torch.no_grad():
-        if adapter is None:
-            result = evaluate(subject, groups, **options)
-        else:
-            with attached(subject, [adapter]) as (live, keys):
-                live.model.set_adapter(keys[0])
-                result = evaluate(live, groups, **options)
+    if adapter is None:
+        result = evaluate(subject, groups, **options)
+    else:
+        with attached(subject, [adapter]) as (live, keys):
+            live.model.set_adapter(keys[0])
+            result = evaluate(live, groups, **options)
     seconds = time.perf_counter() - t0
     write_jsonl(here / "predictions.jsonl", result.records)
     write_json(here / "eval.json", {**result.to_json(), "cache_key": key, "seconds": seconds})
