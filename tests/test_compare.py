@@ -172,7 +172,7 @@ def test_arm_grammar() -> None:
     single = parse_arms("single,2", 4)  # an explicit arm that is also a single one is one arm
     assert [(a.name, a.single) for a in single] == [(str(i), 1) for i in range(4)]
     matched = parse_arms("auto,early:2,single", 4, match_params="auto")
-    assert [a.name for a in matched][:2] == ["auto@match=auto", "early:2@match=auto"]
+    assert [a.name for a in matched][:2] == ["auto", "early:2@match=auto"]
     assert all(a.match is None for a in matched if a.single)
     for text, message in [("auto,gard:2", "arm gard:2: unknown selector 'gard:2'"),
                           ("early:9", "arm early:9: early:9 asks for more layers"),

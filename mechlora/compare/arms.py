@@ -59,8 +59,8 @@ class Arm:
 def parse_arms(arms: str | Sequence[str], n_layers: int, match_params: str | None = None
                ) -> list[Arm]:
     """The arms of `arms` (a comma-separated string, or one arm per item) for a model of
-    `n_layers` layers; `match_params` matches every arm but the single ones that has no
-    @match of its own. Mistakes raise a MechloraError naming the arm."""
+    `n_layers` layers; `match_params` matches every arm that has no @match of its own, but the
+    single ones and the reference itself. Mistakes raise a MechloraError naming the arm."""
     items = arms.split(",") if isinstance(arms, str) else list(arms)
     out: dict[str, Arm] = {}
     for item in items:
@@ -97,6 +97,8 @@ def _parse_one(text: str, n: int, match_params: str | None) -> list[Arm]:
     selector = canonical(selector, n, text)
     if match is not None:
         match = canonical(match, n, f"{text} (the @match reference)")
+        if match == selector:  # already the reference's count
+            match = None
     name = _spec_name(LayerSpec.parse(selector, n)) if _is_spec(selector) else selector
     return [Arm(name + (MATCH + _display(match, n) if match else ""), selector, match)]
 
