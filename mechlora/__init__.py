@@ -6,6 +6,7 @@
     print(mechlora.select_layers(result.scores, "window:5").reason)
 """
 
+from mechlora.compare import CompareResult, compare
 from mechlora.data import Pair, QuestionGroup, Variant, load_groups, make_pairs
 from mechlora.errors import DataError, MechloraError
 from mechlora.evaluate import EvalResult, evaluate
@@ -20,8 +21,8 @@ from mechlora.train import TrainConfig, TrainResult, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "DataError", "EvalResult", "LayerSpec", "LocalizationResult", "MechloraError", "Pair",
-    "QuestionGroup", "Scores", "Selection", "Subject", "TrainConfig", "TrainResult", "Variant",
-    "choose_layers", "evaluate", "load_adapter", "load_groups", "load_model", "localize",
-    "make_pairs", "select_layers", "train", "wrap",
+    "CompareResult", "DataError", "EvalResult", "LayerSpec", "LocalizationResult",
+    "MechloraError", "Pair", "QuestionGroup", "Scores", "Selection", "Subject", "TrainConfig",
+    "TrainResult", "Variant", "choose_layers", "compare", "evaluate", "load_adapter",
+    "load_groups", "load_model", "localize", "make_pairs", "select_layers", "train", "wrap",
 ]

@@ -28,9 +28,10 @@ def versions() -> dict[str, str]:
 
 def run_record(subject, cfg, choice, lora_plan, metrics: list[dict], *, steps: int,
                steps_per_epoch: int, world_size: int, data: dict,
-               resumptions: list[dict] | None = None, memory: dict | None = None
-               ) -> dict[str, Any]:
-    """The JSON document written as mechlora.json (schema in docs/train.md)."""
+               resumptions: list[dict] | None = None, memory: dict | None = None,
+               match=None) -> dict[str, Any]:
+    """The JSON document written as mechlora.json (schema in docs/train.md); `match` is the
+    `spec.RankMatch` of --match-params."""
     sel, loc = choice.selection, choice.localization
     train_rows = [m for m in metrics if m["kind"] == "train"]
     applied = [m for m in train_rows if not m.get("skipped")]
@@ -42,8 +43,12 @@ def run_record(subject, cfg, choice, lora_plan, metrics: list[dict], *, steps: i
         "layers_path": subject.layers_path,
         "layers": {"spec": str(choice.spec), "list": list(choice.spec.layers),
                    "n_layers": choice.spec.n_layers, "how": choice.how,
-                   "rule": sel.rule if sel and choice.how == "auto" else None,
+                   "rule": sel.rule if sel and choice.how in ("auto", "selector") else None,
+                   "given": choice.given,
+                   "selector": sel.selector if sel and choice.how in ("auto", "selector")
+                   else None,
                    "covered": sel.covered if sel else None, "reason": sel.reason if sel else None},
+        "selection": sel.to_dict() if sel else None,
         "localization": None if loc is None else {
             "path": choice.localization_path, "recorded_here": choice.localized_here,
             "model": loc.model, "n_pairs": loc.n_pairs, "score_name": loc.score_name,
@@ -53,7 +58,12 @@ def run_record(subject, cfg, choice, lora_plan, metrics: list[dict], *, steps: i
                  "target_modules": choice.spec.target_regex(subject.layers_path, cfg.modules),
                  "matched_modules": lora_plan.n_modules,
                  "trainable_parameters": lora_plan.trainable,
-                 "base_parameters": lora_plan.base_params, "share": lora_plan.share},
+                 "base_parameters": lora_plan.base_params, "share": lora_plan.share,
+                 "ranks": None if match is None else {str(k): v for k, v in match.ranks.items()},
+                 "match": None if match is None else {
+                     "reference": match.reference, "target": match.target,
+                     "trainable": match.trainable, "difference": match.difference,
+                     "rank_step": match.step}},
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "data": data,
@@ -96,24 +106,28 @@ def loss_text(kl_weight: float, temperature: float, kl_over: str) -> str:
             f"{over})")
 
 
-def plan_text(subject, choice, lora_plan, cfg, groups, steps, memory=None) -> str:
-    """The dry-run report: what would be adapted and trained, nothing loaded."""
+def plan_text(subject, choice, lora_plan, cfg, groups, steps, memory=None, match=None,
+              pending: str | None = None) -> str:
+    """The dry-run report: what would be adapted and trained, nothing loaded. `pending` says
+    why the layers are not known yet (scores still to compute)."""
     base = sum(p.numel() for p in subject.base.parameters())
     lines = [("model", f"{subject.name} ({type(subject.base).__name__}): {subject.n_layers} "
                        f"language layers at {subject.layers_path}, {base:,} parameters")]
     if choice is None:
-        lines.append(("layers", f"auto: the training pairs are localized first, then rule "
-                                f"{cfg.rule} picks the layers (give --from LOCDIR or a spec to "
-                                "count parameters now)"))
+        lines.append(("layers", pending or f"auto: the training pairs are localized first, "
+                      f"then rule {cfg.rule} picks the layers (give --from LOCDIR or a spec to "
+                      "count parameters now)"))
     else:
-        how = choice.selection.reason if choice.how == "auto" else choice.how
+        how = choice.selection.reason if choice.how in ("auto", "selector") else choice.how
         lines.append(("layers", f"{choice.spec} ({how})"))
-        if choice.selection is not None and choice.how != "auto":
+        if choice.selection is not None and choice.how in ("all", "explicit"):
             lines.append(("coverage", choice.selection.reason))
         lines.append(("modules", f"{', '.join(cfg.modules)}: {lora_plan.n_modules} modules "
                                  "matched"))
         lines.append(("trainable", f"{lora_plan.trainable:,} ({lora_plan.share:.2%}) of "
                                    f"{lora_plan.base_params:,} base parameters"))
+        if match is not None:
+            lines.append(("matched", str(match)))
     lines.append(("recipe", recipe(cfg)))
     lines.append(("loss", loss_text(cfg.kl_weight, cfg.kl_temperature, cfg.kl_over)))
     if groups is not None:
@@ -141,6 +155,21 @@ def _notes(training: dict[str, Any]) -> list[str]:
     return ["## Training notes\n", "\n".join(notes) + "\n"] if notes else []
 
 
+def _rank_text(cfg: dict, lora: dict) -> str:
+    """The rank, or the per-layer ranks of a --match-params run and what they match."""
+    match = lora.get("match")
+    if not match:
+        return str(cfg["r"])
+    counts: dict[int, int] = {}
+    for rank in lora["ranks"].values():
+        counts[rank] = counts.get(rank, 0) + 1
+    ranks = " and ".join(f"{n} layer{'s' if n > 1 else ''} at {r}"
+                         for r, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return (f"{ranks}, matched to {match['reference']} ({match['target']:,} parameters, "
+            f"difference {match['difference']:+,}); alpha scaled per layer to keep alpha / r = "
+            f"{cfg['alpha'] / cfg['r']:g}")
+
+
 def _modules(names: list[str]) -> str:
     return ", ".join(MODULE_NAMES.get(n, n) for n in names) + " projections"
 
@@ -154,10 +183,15 @@ def model_card(record: dict[str, Any]) -> str:
     auto_model = "AutoModelForImageTextToText" if vlm else "AutoModelForCausalLM"
     processor = "AutoProcessor" if vlm else "AutoTokenizer"
     chosen = {"auto": f"chosen by localization ({layers['rule']})", "all": "all layers",
-              "explicit": "given explicitly"}[layers["how"]]
+              "explicit": "given explicitly",
+              "selector": f"chosen by {layers.get('selector') or layers.get('given')}"
+              }[layers["how"]]
+    if layers["how"] == "auto" and (layers.get("selector") or "").partition(":")[0] not in \
+            ("", "localization"):
+        chosen = f"chosen by {layers['selector']}"  # a saved selection given with --from
     rows = [
         ("Base model", f"`{base}`"),
-        ("Adapter rank (r)", cfg["r"]),
+        ("Adapter rank (r)", _rank_text(cfg, lora)),
         ("alpha", cfg["alpha"]),
         ("Dropout", f"{cfg['dropout']:g}"),
         ("Learning rate", f"{cfg['lr']:g} ({cfg['schedule']}, {cfg['warmup']} warmup steps)"),

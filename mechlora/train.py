@@ -4,7 +4,8 @@ The pipeline, one module of `mechlora.training` per job:
 
     inputs       the training / held-out groups, and every path the run reads
     model        device, accelerate, LoRA, optimizer and schedule
-    layers       --layers auto|all|SPEC (auto: from a localization, run here if not given)
+    layers       --layers auto|all|SPEC|SELECTOR (scores from --from or computed here),
+                 --match-params (per-layer ranks)
     memory       the peak-memory estimate (dry run; checkpointing turned on when it won't fit)
     step         one optimizer update (one forward per micro-batch, gradients summed across
                  processes, out-of-memory retry)
@@ -32,12 +33,13 @@ from mechlora.data import QuestionGroup, data_hash
 from mechlora.errors import MechloraError
 from mechlora.io import check_out_dir, prepare_out_dir
 from mechlora.models.subject import Subject
+from mechlora.select import Selection
 from mechlora.spec import LayerSpec
 from mechlora.spec import plan as lora_plan_of
 from mechlora.training.checkpoints import begin, checkpoints, latest_checkpoint, resumptions
 from mechlora.training.config import RESUMABLE, SCHEDULES, TrainConfig
 from mechlora.training.inputs import data_info, read_groups, read_paths
-from mechlora.training.layers import LayerChoice, resolve_layers
+from mechlora.training.layers import LayerChoice, match_params, resolve_layers
 from mechlora.training.loop import train_loop
 from mechlora.training.memory import fit_memory
 from mechlora.training.model import (
@@ -74,13 +76,14 @@ class TrainResult:
 
 
 def train(model: Subject | str, pairs: str | Path | Sequence[QuestionGroup], *,
-          layers: str | LayerSpec = "auto", out: str | Path | None = None,
+          layers: str | LayerSpec | Selection = "auto", out: str | Path | None = None,
           config: TrainConfig | None = None, from_localization: str | Path | None = None,
           eval_pairs: str | Path | Sequence[QuestionGroup] | None = None,
           overwrite: bool = False, resume: bool = False, progress: bool = True,
           dtype: str | torch.dtype | None = None, device: str | None = None,
           trust_remote_code: bool = False) -> TrainResult:
-    """Train a LoRA adapter on `layers` ("auto", "all", "15-19" or a LayerSpec).
+    """Train a LoRA adapter on `layers`: "auto", "all", "15-19", a selector ("grad:5",
+    "random:5", ...; docs/select.md), a LayerSpec or a Selection.
 
     `model` is a preset/folder/hub name or a loaded `Subject` (PEFT wraps its model in place).
     With `out`, writes the adapter folder (see docs/train.md) and checkpoints every
@@ -103,10 +106,13 @@ def train(model: Subject | str, pairs: str | Path | Sequence[QuestionGroup], *,
         batcher.choice_ids(g)  # a bad choice list fails now, not after an hour of training
     choice = resolve_layers(subject, groups, layers, cfg, from_localization, out_dir, resume,
                             acc, progress)
-    lora_plan = lora_plan_of(subject.base, choice.spec, subject.layers_path, cfg.modules, cfg.r)
+    match = match_params(subject, choice.spec, cfg)
+    ranks = match.ranks if match is not None else None
+    lora_plan = lora_plan_of(subject.base, choice.spec, subject.layers_path, cfg.modules, cfg.r,
+                             ranks=ranks)
     cfg, memory = fit_memory(subject, batcher, groups, choice.spec, cfg, lora_plan.trainable,
                              acc)
-    peft_model = add_lora(subject, choice.spec, cfg, acc.process_index)
+    peft_model = add_lora(subject, choice.spec, cfg, acc.process_index, ranks)
     trained = dataclasses.replace(subject, model=peft_model)
     params = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     per_epoch, total = cfg.steps(len(groups))
@@ -124,14 +130,15 @@ def train(model: Subject | str, pairs: str | Path | Sequence[QuestionGroup], *,
     peft_model.eval()
     record = run_record(trained, cfg, choice, lora_plan, metrics, steps=total,
                         steps_per_epoch=per_epoch, world_size=acc.num_processes, data=data,
-                        resumptions=resumptions(out_dir), memory=memory)
+                        resumptions=resumptions(out_dir), memory=memory, match=match)
     if out_dir is not None and acc.is_main_process:
         write_outputs(run, record, out_dir)
     acc.wait_for_everyone()
     return TrainResult(trained, choice, out_dir, total, metrics, record)
 
 
-def train_arm(model: Subject | str, pairs, out: str | Path, *, layers: str | LayerSpec,
+def train_arm(model: Subject | str, pairs, out: str | Path, *,
+              layers: str | LayerSpec | Selection,
               config: TrainConfig | None = None, eval_pairs=None, from_localization=None,
               progress: bool = True, **kw) -> dict:
     """Train one arm of a comparison into `out`, resumably; returns its mechlora.json record.
@@ -158,18 +165,21 @@ def train_arm(model: Subject | str, pairs, out: str | Path, *, layers: str | Lay
 
 
 def _same_arm(record: dict, model, pairs, layers, cfg: TrainConfig) -> bool:
-    """A finished record is this arm: same model, data, layers ("auto": whatever it chose) and
-    settings (those a resume may change aside)."""
+    """A finished record is this arm: same model, data, layers (a selector: whatever it chose)
+    and settings (those a resume may change aside)."""
     name = model.name if isinstance(model, Subject) else str(model)
     fixed = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
     same = (record["base_model"] == name
             and record["data"]["train"]["sha256"] == data_hash(read_groups(pairs, "training"))
             and {k: record["config"].get(k) for k in fixed} == fixed)
-    if not isinstance(layers, LayerSpec) and str(layers).strip().lower() == "auto":
-        return same
-    spec = layers if isinstance(layers, LayerSpec) else \
-        LayerSpec.parse(str(layers), record["layers"]["n_layers"])
-    return same and record["layers"]["list"] == list(spec.layers)
+    if isinstance(layers, Selection):
+        layers = layers.spec
+    if not isinstance(layers, LayerSpec):
+        text = str(layers).strip().lower()
+        if text != "all" and not text[:1].isdigit():  # auto or a selector
+            return same and record["layers"].get("given", "auto") == text
+        layers = LayerSpec.parse(text, record["layers"]["n_layers"])
+    return same and record["layers"]["list"] == list(layers.layers)
 
 
 def _prepare(out, overwrite: bool, resume: bool, reads, acc) -> Path | None:

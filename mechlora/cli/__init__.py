@@ -15,7 +15,8 @@ from mechlora.errors import MechloraError
 app = typer.Typer(
     name="mechlora",
     help="Find where paraphrases diverge inside a (vision-)language model, then fix those "
-    "layers with LoRA.\n\nPipeline: localize -> select -> train -> eval (or `mechlora demo`).",
+    "layers with LoRA.\n\nPipeline: localize -> select -> train -> eval (or `mechlora demo`); "
+    "`mechlora compare` pits layer choices against each other.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -27,7 +28,7 @@ def _register() -> None:
     # Imported for their side effect of adding commands to `app`.
     import importlib
 
-    for name in ("localize", "select", "train", "eval", "demo", "sae"):
+    for name in ("localize", "select", "train", "eval", "compare", "sae", "demo"):
         try:
             importlib.import_module(f"mechlora.cli.{name}")
         except ModuleNotFoundError as e:  # a command whose module is not written yet

@@ -19,9 +19,17 @@ def train(
     pairs: Path = typer.Option(None, "--pairs", "-p", help="Training data (JSONL or CSV, see "
                                "docs/data.md). Optional with --dry-run."),
     layers: str = typer.Option("auto", "--layers", "-l", help="auto (localize, then --rule), "
-                               "all, or a spec such as 15-19 or 3,7-9."),
-    from_: Path = typer.Option(None, "--from", help="Localization folder for --layers auto "
-                               "(else the training pairs are localized first)."),
+                               "all, a spec such as 15-19 or 3,7-9, or any selector: grad:5, "
+                               "snr:5, bi:5, localization:window:5, early:5, middle:5, late:5, "
+                               "random:5, randband:5 (random ones drawn with --seed); scores "
+                               "come from --from or are computed on the training pairs."),
+    from_: Path = typer.Option(None, "--from", help="A localization folder or a saved selection "
+                               "(selection.json from mechlora select --out): --layers auto uses "
+                               "it as it is; a selector or rule reads its scores."),
+    match_params: str = typer.Option(None, "--match-params", help="Give the chosen layers the "
+                                     "LoRA ranks whose trainable count equals this spec's at "
+                                     "--r (e.g. --layers all --match-params 15-19); alpha is "
+                                     "scaled per layer to keep alpha / r."),
     rule: str = typer.Option(D.rule, help="Selection rule for --layers auto: window:K, mass:P, "
                              "topk:K."),
     out: Path = typer.Option(None, "--out", "-o", help="Adapter folder to write."),
@@ -99,7 +107,7 @@ def train(
         seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, eval_every=eval_every,
         gradient_checkpointing=gradient_checkpointing, bf16=bf16, skip_nonfinite=skip_nonfinite,
-        rule=rule, localize_groups=localize_groups,
+        rule=rule, localize_groups=localize_groups, match_params=match_params,
     ).validate()
     if dry_run:
         typer.echo(plan_training(model, layers=layers, config=cfg, pairs=pairs,
@@ -127,6 +135,11 @@ def train(
         typer.echo(f"layers {result.spec} ({result.layers.how}); {result.steps} steps"
                    + (f"; final loss {final['loss']:.4f} (CE {final['ce']:.4f}, "
                       f"KL {final['kl']:.4f})" if final else ""))
+        match = result.record["lora"]["match"]
+        if match:
+            typer.echo(f"ranks matched to {match['reference']}: "
+                       f"{match['trainable']:,} trainable parameters (difference "
+                       f"{match['difference']:+,})")
         evaluation = result.record["training"]["eval"]
         if evaluation:
             typer.echo(f"held-out flip rate {evaluation['flip_rate']:.1%} over "

@@ -47,6 +47,7 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast when training on a GPU
     skip_nonfinite: int = 0  # updates with a non-finite loss skipped before stopping
     rule: str = "window:5"  # layers="auto": how localization scores become a spec
+    match_params: str | None = None  # a spec whose LoRA count at rank r the layers must hold
     localize_groups: int = 64  # layers="auto" with no localization given: groups to localize
 
     def __post_init__(self) -> None:
@@ -88,6 +89,8 @@ class TrainConfig:
             (self.eval_every >= 0, "--eval-every must be 0 (each epoch) or more"),
             (self.skip_nonfinite >= 0, "--skip-nonfinite must be 0 (stop at the first) or more"),
             (self.localize_groups >= 1, "--localize-groups must be at least 1"),
+            (self.match_params is None or bool(str(self.match_params).strip()),
+             "--match-params must be a layer spec such as 15-19"),
         ]
         bad = [message for ok, message in checks if not ok]
         if bad:

@@ -83,12 +83,14 @@ def load_subject(model: Subject | str, dtype, device: torch.device,
     return subject
 
 
-def add_lora(subject: Subject, spec: LayerSpec, cfg: TrainConfig, rank: int):
-    """Wrap the subject's model in PEFT (in place) with LoRA on `spec`'s layers only."""
+def add_lora(subject: Subject, spec: LayerSpec, cfg: TrainConfig, rank: int,
+             ranks: dict[int, int] | None = None):
+    """Wrap the subject's model in PEFT (in place) with LoRA on `spec`'s layers only
+    (`ranks`: per-layer ranks, e.g. from `--match-params`; the others get `cfg.r`)."""
     from peft import get_peft_model
 
     config = spec.lora_config(subject.layers_path, modules=cfg.modules, r=cfg.r,
-                              alpha=cfg.alpha, dropout=cfg.dropout)
+                              alpha=cfg.alpha, dropout=cfg.dropout, ranks=ranks)
     torch.manual_seed(cfg.seed)  # the same LoRA init on every process
     with warnings.catch_warnings():  # PEFT reads a property transformers 5 deprecates
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)

@@ -12,7 +12,7 @@ from mechlora.spec import LayerSpec
 from mechlora.spec import plan as lora_plan_of
 from mechlora.training.config import TrainConfig
 from mechlora.training.inputs import read_groups
-from mechlora.training.layers import resolve_layers
+from mechlora.training.layers import match_params, resolve_layers
 from mechlora.training.memory import GIB, for_run
 
 TEXT_TOKENS = 64  # prompt tokens besides the image's assumed when no data or tokenizer is given
@@ -25,14 +25,35 @@ def plan_training(model: Subject | str, *, layers: str | LayerSpec = "auto",
     cfg = (config or TrainConfig()).validate()
     subject = model if isinstance(model, Subject) else meta_subject(model)
     groups = read_groups(pairs, "training") if pairs is not None else None
-    choice, lora_plan, memory = None, None, None
-    if str(layers).strip().lower() != "auto" or from_localization is not None:
+    choice, lora_plan, memory, match = None, None, None, None
+    pending = _pending(layers, from_localization, cfg)
+    if pending is None:
         choice = resolve_layers(subject, groups or [], layers, cfg, from_localization,
                                 progress=False)
-        lora_plan = lora_plan_of(subject.base, choice.spec, subject.layers_path, cfg.modules, cfg.r)
+        match = match_params(subject, choice.spec, cfg)
+        lora_plan = lora_plan_of(subject.base, choice.spec, subject.layers_path, cfg.modules,
+                                 cfg.r, ranks=match.ranks if match is not None else None)
         memory = memory_table(subject, choice.spec.layers, cfg, lora_plan.trainable, groups)
     steps = cfg.steps(len(groups))[1] if groups is not None else None
-    return plan_text(subject, choice, lora_plan, cfg, groups, steps, memory)
+    return plan_text(subject, choice, lora_plan, cfg, groups, steps, memory, match, pending)
+
+
+def _pending(layers, from_localization, cfg: TrainConfig) -> str | None:
+    """Why the layers cannot be known without weights (scores to compute), else None."""
+    from mechlora.select import Selection, parse_selector
+
+    if isinstance(layers, (LayerSpec, Selection)) or from_localization is not None:
+        return None
+    text = str(layers).strip().lower()
+    if text == "auto":
+        return (f"auto: the training pairs are localized first, then rule {cfg.rule} picks the "
+                "layers (give --from LOCDIR or a spec to count parameters now)")
+    source, _ = parse_selector(text)
+    if source is None:
+        return None
+    where = "from the weights" if source == "snr" else "on the training pairs"
+    return (f"{text}: {source} scores are computed {where} first (give --from with a saved "
+            "selection or localization to count parameters now)")
 
 
 def prompt_length(subject: Subject, groups: list[QuestionGroup] | None) -> tuple[int, str]:

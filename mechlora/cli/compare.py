@@ -1,0 +1,136 @@
+"""`mechlora compare`: train every arm for every seed at one budget, evaluate them on held-out
+data, compare them with seed-level statistics (docs/compare.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mechlora.cli import app
+from mechlora.compare.run import DEFAULT_ARMS
+from mechlora.train import TrainConfig
+
+D = TrainConfig()  # the published recipe: every training default below comes from here
+
+
+@app.command("compare")
+def compare_command(
+    model: str = typer.Option(..., "--model", "-m", help="Preset, local model folder or HF hub "
+                              "id (from the local cache)."),
+    pairs: Path = typer.Option(..., "--pairs", "-p", help="Training data (JSONL or CSV, see "
+                               "docs/data.md); scores are computed on it too."),
+    eval_pairs: Path = typer.Option(..., "--eval", "-e", help="Held-out data every arm is "
+                                    "evaluated on (never trained or scored on)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Comparison folder; rerun the same "
+                             "command to resume it (finished arms are reused)."),
+    arms: list[str] = typer.Option([DEFAULT_ARMS], "--arms", "-a", help="Comma-separated arms "
+                                   "(repeatable): auto, all, a spec (15-19; a list as 3+7-9), "
+                                   "any selector (grad:5, snr:5, bi:5, localization:window:5, "
+                                   "early:5, middle:5, late:5, random:5, randband:5), "
+                                   "X@match=REF (X's layers at REF's parameter count, e.g. "
+                                   "all@match=auto), single or single:W (one adapter per layer "
+                                   "or width-W window)."),
+    seeds: int = typer.Option(3, "--seeds", help="Training seeds per arm: --seed, --seed + 1, "
+                              "..."),
+    seed: int = typer.Option(D.seed, help="The first training seed (LoRA init, pair draws, "
+                             "random arms; the scores use it too)."),
+    reference: str = typer.Option(None, help="The arm every arm is also tested against "
+                                  "(default: auto when it is an arm)."),
+    match_params: str = typer.Option(None, "--match-params", help="Every arm but the single "
+                                     "ones holds this selector's parameter count (e.g. auto or "
+                                     "15-19), as if each had @match=SPEC."),
+    scores: str = typer.Option("", help="More score sources to compute and plot: grad, snr, bi, "
+                               "localization (comma separated)."),
+    from_: Path = typer.Option(None, "--from", help="A localization folder for auto and "
+                               "localization arms (else the training pairs are localized)."),
+    rule: str = typer.Option(D.rule, help="The rule of the auto arm: window:K, mass:P, topk:K."),
+    localize_groups: int = typer.Option(D.localize_groups, help="Groups localized for auto "
+                                        "without --from."),
+    r: int = typer.Option(D.r, "--r", help="LoRA rank."),
+    alpha: int = typer.Option(D.alpha, help="LoRA alpha."),
+    dropout: float = typer.Option(D.dropout, help="LoRA dropout."),
+    modules: str = typer.Option(",".join(D.modules), help="Projections to adapt."),
+    lr: float = typer.Option(D.lr, help="Peak learning rate (AdamW)."),
+    batch_size: int = typer.Option(D.batch_size, help="Pairs per accumulation step."),
+    grad_accum: int = typer.Option(D.grad_accum, help="Accumulation steps per update."),
+    micro_batch: int = typer.Option(D.micro_batch, help="Pairs per forward (0: a whole "
+                                    "update); memory only."),
+    epochs: int = typer.Option(D.epochs, help="Epochs (one random pair per group each)."),
+    max_steps: int = typer.Option(D.max_steps, help="Stop after this many updates (0: no cap)."),
+    warmup: int = typer.Option(D.warmup, help="Warmup updates."),
+    schedule: str = typer.Option(D.schedule, help="linear | cosine | constant."),
+    weight_decay: float = typer.Option(D.weight_decay, help="AdamW weight decay."),
+    max_grad_norm: float = typer.Option(D.max_grad_norm, help="Gradient clipping (0: none)."),
+    kl_weight: float = typer.Option(D.kl_weight, help="Weight of the symmetric KL term."),
+    kl_temperature: float = typer.Option(D.kl_temperature, help="Softmax temperature of the KL."),
+    kl_over: str = typer.Option(D.kl_over, help="vocab | choices."),
+    merge_variants: bool = typer.Option(D.merge_variants, help="Read each choice as all its "
+                                        "case and leading-space variants (training and eval)."),
+    save_every: int = typer.Option(D.save_every, help="Checkpoint every N updates (0: never)."),
+    gradient_checkpointing: bool = typer.Option(D.gradient_checkpointing, help="Recompute "
+                                                "activations in the backward."),
+    bf16: bool = typer.Option(D.bf16, help="bf16 autocast on GPU."),
+    gray: bool = typer.Option(None, "--gray/--no-gray", help="Also answer with a gray image "
+                              "(text-only agreement). Default: when the model and data have "
+                              "images."),
+    noimage: bool = typer.Option(False, "--noimage", help="Also answer with the image removed."),
+    swap: bool = typer.Option(None, "--swap/--no-swap", help="Also answer with another "
+                              "question's image (swap sensitivity). Default: when possible."),
+    eval_batch_size: int = typer.Option(16, help="Prompts per forward in evaluation."),
+    n_boot: int = typer.Option(2000, help="Bootstrap replicates (seeds x questions)."),
+    dtype: str = typer.Option("auto", help="Weights: auto (bf16 on GPU, fp32 on CPU), float32, "
+                              "bfloat16."),
+    device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda if available)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub folder."),
+    overwrite: bool = typer.Option(False, help="Replace a comparison of another design in "
+                                   "--out (only a folder mechlora made)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train every arm for every seed with the same budget, evaluate the base model and every
+    adapter on held-out data, and compare them with seed-level statistics.
+
+    Example: mechlora compare --model organism --pairs train.jsonl --eval heldout.jsonl
+    --arms auto,all,early:5,random:5,grad:5,snr:5,all@match=auto --seeds 3 --out runs/cmp
+
+    Writes OUT/compare.json and OUT/report.html; each adapter lives in OUT/arms/ARM/seed-S/.
+    Scores that arms read (localization, grad, bi; snr from the weights) are computed once, on
+    the training pairs, with the first seed.
+    """
+    from mechlora.compare import compare
+
+    cfg = TrainConfig(
+        r=r, alpha=alpha, dropout=dropout, modules=modules, lr=lr, batch_size=batch_size,
+        grad_accum=grad_accum, micro_batch=micro_batch, epochs=epochs, max_steps=max_steps,
+        warmup=warmup, schedule=schedule, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, kl_weight=kl_weight, kl_temperature=kl_temperature,
+        kl_over=kl_over, merge_variants=merge_variants, seed=seed, save_every=save_every,
+        gradient_checkpointing=gradient_checkpointing, bf16=bf16, rule=rule,
+        localize_groups=localize_groups,
+    ).validate()
+    result = compare(model, pairs, eval_pairs, out=out, arms=",".join(arms), seeds=seeds,
+                     config=cfg, reference=reference, match_params=match_params,
+                     from_localization=from_, scores=scores, gray=gray, noimage=noimage,
+                     swap=swap, eval_batch_size=eval_batch_size, n_boot=n_boot,
+                     overwrite=overwrite, progress=not quiet,
+                     dtype=None if dtype == "auto" else dtype, device=device,
+                     trust_remote_code=trust_remote_code)
+    typer.echo(summary(result.doc))
+    typer.echo(f"wrote {out}/compare.json and report.html")
+
+
+def summary(doc: dict) -> str:
+    """One line per arm: flip rate and accuracy (mean over seeds) and the test against base."""
+    def pct(block: dict | None, key: str) -> str:
+        return "n/a" if not block or block.get(key) is None else f"{100 * block[key]:.1f}%"
+
+    lines = [f"{'arm':<24}{'flip':>8}{'accuracy':>10}{'flip - base':>13}{'p':>8}",
+             f"{'base':<24}{pct(doc['base']['metrics'].get('original_flip_rate'), 'mean'):>8}"
+             f"{pct(doc['base']['metrics'].get('accuracy'), 'mean'):>10}"]
+    for name, arm in doc["arms"].items():
+        m, t = arm["metrics"], arm["vs_base"].get("original_flip_rate") or {}
+        p = t.get("p")
+        lines.append(f"{name:<24}{pct(m.get('original_flip_rate'), 'mean'):>8}"
+                     f"{pct(m.get('accuracy'), 'mean'):>10}{pct(t, 'diff'):>13}"
+                     f"{'n/a' if p is None else f'{p:.3f}':>8}")
+    return "\n".join(lines + [f"note: {n}" for n in doc["notes"][:1]])
