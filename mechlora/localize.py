@@ -278,9 +278,12 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     if per_position and kind == "last":
         raise MechloraError("per_position patches each aligned position alone; positions "
                             "'last' has one: use suffix:K (or image after the question)")
-    if not comps and not specs:
-        raise MechloraError(f"no sites to patch; name components ({', '.join(COMPONENTS)}) "
-                            "or specs")
+    if not comps and not specs and not heads:
+        raise MechloraError(f"no sites to patch; name components ({', '.join(COMPONENTS)}), "
+                            "heads or specs")
+    if per_position and not comps:
+        raise MechloraError("per_position patches the components at each position: name "
+                            f"some ({', '.join(COMPONENTS)})")
     all_sites(subject.n_layers, comps)  # bad options fail before any work
     explicit, auto = parse_specs(specs, subject.n_layers)
     if auto and "resid" not in comps and not {"attn", "mlp"} & set(comps):

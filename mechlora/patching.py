@@ -8,6 +8,8 @@
   position p cannot change any earlier position's keys and values; refused where the prompt
   attends both ways (`Subject.prefix_cache_problem`).
 
+A row is one `SitePatch` or several applied together (a multi-site intervention, e.g. every
+attn and mlp output of a layer spec); sites may be one attention head (`Site(l, "z", h)`).
 All return the answer margin of every patched row, and split their rows into forwards that
 fit `max_bytes` (and `max_rows`, when given; mechlora/memory.py). Logits are computed at the
 last position only, and only for the choices' first tokens (`choice_head`): with a 262k

@@ -160,3 +160,16 @@ def test_compare_to_a_base_localization(tmp_path, small_pairs, capsys):
     assert abs(doc["remaining"]["mean"] - 1) < 1e-4  # an untrained LoRA changes nothing
     assert "before/after: 100% of the base divergence remains" in stdout
     assert "Before and after training" in (after / "report.html").read_text()
+
+
+def test_heads_alone_need_no_spec(tmp_path, small_pairs, capsys):
+    """`--sites attn.hook_z`: only the heads; no per-layer scores, so no selection and no
+    default spec test (auto selects from per-layer scores)."""
+    out = tmp_path / "heads"
+    code, stdout, _ = run(["localize", "--model", "tiny-gemma3-text", "--pairs",
+                           str(small_pairs), "--out", str(out), "--quiet", "--min-delta", "1e-3",
+                           "--max-pairs-per-group", "1", "--sites", "attn.hook_z"], capsys)
+    assert code in (0, None)
+    doc = json.loads((out / "localization.json").read_text())
+    assert doc["components"] == [] and "specs" not in doc and len(doc["heads"]["mean"]) == 12
+    assert "selected" not in stdout

@@ -1,10 +1,11 @@
 """Engine "nnsight": mechlora's patching written as nnsight 0.8 traces.
 
-The recipient runs as rows of one traced forward; row i has site i's output replaced. nnsight
-addresses modules by their path in the model's own tree, so the sites are exactly mechlora's
-hook sites: the decoder layer's output (resid), the attention module's output[0] (attn) and
-the MLP's output (mlp). Inside a trace, modules must be reached in execution order, so the
-sites are visited layer by layer, attention before MLP before the layer's output.
+The recipient runs as rows of one traced forward; row i has its sites' values replaced.
+nnsight addresses modules by their path in the model's own tree, so the sites are exactly
+mechlora's hook sites: the decoder layer's output (resid), the attention module's output[0]
+(attn), the MLP's output (mlp), and the output projection's input (`o_proj.input`, z: every
+head, or one head's columns). Inside a trace, modules must be reached in execution order, so
+the sites are visited layer by layer: o_proj's input, attention, MLP, the layer's output.
 
 `NNsight(model)` instruments the model in place: it puts a controller in every module's
 instance `forward` and its state in `module.__nnsight__`, and leaves them there. The engine

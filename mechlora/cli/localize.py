@@ -30,9 +30,10 @@ def localize(
         False, "--per-position", help="Also patch each aligned position of --positions "
         "suffix:K (or image) alone: a position x layer heatmap."),
     spec: list[str] = typer.Option(
-        ["auto"], "--spec", help="Layer specs whose attn+mlp outputs are patched all at once, "
-        "for sufficiency (denoising) and necessity (noising): auto (what --rule selects), "
-        "all, or e.g. 15-19; repeat the option for several, 'none' for no test."),
+        None, "--spec", help="Layer specs whose attn+mlp outputs are patched all at once, "
+        "for sufficiency (denoising) and necessity (noising): auto (what --rule selects; the "
+        "default when --sites has resid, attn or mlp), all, or e.g. 15-19; repeat the option "
+        "for several, 'none' for no test."),
     by: str = typer.Option(None, "--by", help="type | phenomenon: scores, intervals and a "
                            "selection per question type or paraphrase phenomenon."),
     adapter: Path = typer.Option(None, "--adapter", help="A PEFT adapter folder to apply "
@@ -112,6 +113,10 @@ def localize(
     groups = load_groups(pairs or EXAMPLE_PATH)
     reads = [pairs, model, feature_cache, adapter, compare_to,
              *{g.image.parent for g in groups if g.image}]
+    from mechlora.sites import components as parse_sites
+
+    per_layer, _ = parse_sites(sites)  # a bad site name fails now, before loading the model
+    spec = spec or (["auto"] if per_layer else [])
     specs = [] if [x.strip().lower() for x in spec] == ["none"] else spec
     if by is not None and by not in ("type", "phenomenon"):
         raise MechloraError(f"--by {by}: use type or phenomenon")
@@ -139,7 +144,13 @@ def localize(
                  logit_lens=logit_lens, merge_variants=merge_variants, heads=heads,
                  per_position=per_position, specs=specs if exact else (), rule=rule, by=by,
                  adapter=adapter, baseline=base)
-    selection = select_layers(result.scores, rule) if result.n_pairs else None
+    selection = None
+    if result.n_pairs and result.components:
+        try:
+            selection = select_layers(result.scores, rule)
+        except MechloraError as e:  # e.g. no positive score left after training: still write
+            result.settings["selection"] = {"rule": rule, "spec": None, "covered": None,
+                                            "reason": str(e)}
     if selection is not None:
         result.settings["selection"] = {"rule": rule, "spec": str(selection.spec),
                                         "covered": selection.covered, "reason": selection.reason}
@@ -161,6 +172,8 @@ def localize(
                f"(engine {result.engine}, {result.settings['seconds']:.1f}s)")
     if selection is not None:
         typer.echo(f"selected: {selection.reason}")
+    elif "selection" in result.settings:
+        typer.echo(f"no selection: {result.settings['selection']['reason']}")
     _print_extras(result, comparison)
     check = result.settings.get("attribution", {})
     if "spearman" in check:

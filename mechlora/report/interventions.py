@@ -36,7 +36,7 @@ def _band(fig, x, mean, lo, hi, color, name, row=None, col=None, dash=None, lege
 
 def directions_section(page: Page, result) -> None:
     parts = {d: p for d in DIRECTIONS if (p := result.where(direction=d)).n_pairs}
-    if len(parts) < 2:
+    if len(parts) < 2 or not result.components:
         return
     page.heading("Directions: denoising and noising")
     page.text("Pair (a, b) patches a into b. original>paraphrase writes the original question's "
@@ -125,7 +125,7 @@ def positions_section(page: Page, result) -> None:
 
 def groups_section(page: Page, result) -> None:
     key = result.settings.get("by")
-    if not key or not result.n_pairs:
+    if not key or not result.n_pairs or not result.components:
         return
     parts = result.by(key)
     page.heading(f"Per {key}")

@@ -118,13 +118,14 @@ def write_localize_report(result: LocalizationResult, path: str | Path,
         page.heading("Selected layers").text(selection.reason)
     if comparison is not None:
         more.comparison_section(page, comparison)
-    if result.n_pairs:
+    if result.n_pairs and result.components:
         page.heading("Restoration").figure(restoration_figure(result))
         page.text("r = (m(b<-a) - m(b)) / (m(a) - m(b)): 0 = patching the site does nothing, "
                   "1 = the recipient takes the donor's answer.", note=True)
         page.heading("Where the divergence is written").figure(
             score_figure(result, list(selection.spec.layers) if selection else None))
         page.figure(heatmap_figure(result))
+    if result.n_pairs:
         more.specs_section(page, result)
         more.directions_section(page, result)
         more.heads_section(page, result)
