@@ -3,7 +3,7 @@ loops a user writes for the same numbers, on the same pairs, in one run.
 
     python -m benchmarks.heads                       # Gemma 3 270M (optional extra gemma270m)
     python -m benchmarks.heads --tiny                # tiny random Gemma 3 text model (seconds)
-    python -m benchmarks.heads --pairs 2 --threads 1 --suffix 5
+    python -m benchmarks.heads --pairs 2 --threads 1 --suffix 4
 
 Heads: every attention head of every layer alone (o_proj's input, one head's slice, at the
 last position): mechlora `localize(heads=True)` (default engine: the recipient's prefix cache
@@ -119,7 +119,20 @@ def nnsight_margins(subject, prompts, part, ids, sites) -> np.ndarray:
                                       subject.head_dim) for p in part])
 
 
-def run(model: str, n_pairs: int, suffix: int) -> list[str]:
+def shared_suffix(prompts: dict, cap: int) -> int:
+    """The most trailing tokens every pair's two prompts share (at most `cap`)."""
+    k = cap
+    for a, b in prompts.values():
+        ids_a, ids_b = a["input_ids"][0], b["input_ids"][0]
+        same = 0
+        while same < min(len(ids_a), len(ids_b)) and ids_a[-1 - same] == ids_b[-1 - same]:
+            same += 1
+        k = min(k, same)
+    return k
+
+
+def run(model: str, n_pairs: int, suffix: int):
+    """Yields the table's lines as they are measured."""
     from mechlora.bridges.tlens import boot_bridge
 
     subject = load_model(model, device="cpu", dtype="float32")
@@ -129,14 +142,15 @@ def run(model: str, n_pairs: int, suffix: int) -> list[str]:
     warm, timed_pairs = pairs[:1], pairs[1:]
     ids = subject.answer_token_ids(("yes", "no"))
     prompts = {p.id: (subject.encode([p.text_a]), subject.encode([p.text_b])) for p in pairs}
+    suffix = shared_suffix(prompts, suffix)
     bridge = boot_bridge(subject)
     one = subject.encode([YES_NO[0][0]])
     with torch.no_grad():
         forward = timed(lambda: subject.model(**one), repeat=3)[1]
-    lines = [f"machine: {machine()}; {model}, {subject.n_layers} layers x {subject.n_heads} "
-             f"heads; {len(timed_pairs)} timed pairs; one clean forward {forward:.3f} s", "",
-             "| sweep | method | s / pair | patched sites / pair | max abs diff of patched "
-             "margins vs mechlora |", "|---|---|---|---|---|"]
+    yield (f"machine: {machine()}; {model}, {subject.n_layers} layers x {subject.n_heads} "
+           f"heads; {len(timed_pairs)} timed pairs; one clean forward {forward:.3f} s\n\n"
+           "| sweep | method | s / pair | patched sites / pair | max abs diff of patched "
+           "margins vs mechlora |\n|---|---|---|---|---|")
     for name, (options, tl_sites, nn_sites, rows_of) in sweeps(
             subject.n_layers, subject.n_heads, suffix).items():
         methods = {
@@ -154,24 +168,25 @@ def run(model: str, n_pairs: int, suffix: int) -> list[str]:
                 results[method] = timed(lambda f=fn: f(timed_pairs))
         ref = results["mechlora (default engine)"][0]
         for method, (values, seconds) in results.items():
-            lines.append(f"| {name} | {method} | {seconds / len(timed_pairs):.2f} | "
-                         f"{len(tl_sites)} | {float(np.abs(values - ref).max()):.1e} |")
-    lines.append(f"\ncommand: {COMMAND}" + (" --tiny" if model.startswith("tiny") else "")
-                 + f" --pairs {n_pairs} --suffix {suffix}")
-    return lines
+            yield (f"| {name} | {method} | {seconds / len(timed_pairs):.2f} | "
+                   f"{len(tl_sites)} | {float(np.abs(values - ref).max()):.1e} |")
+    yield (f"\ncommand: {COMMAND}" + (" --tiny" if model.startswith("tiny") else "")
+           + f" --pairs {n_pairs} --suffix {suffix}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny-gemma3-text preset")
     parser.add_argument("--pairs", type=int, default=2, help="timed pairs (at most 3)")
-    parser.add_argument("--suffix", type=int, default=5, help="positions K of suffix:K")
+    parser.add_argument("--suffix", type=int, default=5, help="positions K of suffix:K (at "
+                        "most what every pair's prompts share)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = "tiny-gemma3-text" if args.tiny else "gemma3-270m"
-    print("\n".join(run(model, min(args.pairs, len(YES_NO) - 1), args.suffix)))
+    for line in run(model, min(args.pairs, len(YES_NO) - 1), args.suffix):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
