@@ -8,37 +8,25 @@ distance, logit-lens KL) is recorded alongside, at no extra forward.
 
 from __future__ import annotations
 
-import itertools
 import os
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from mechlora import memory
-from mechlora.data import Pair, QuestionGroup, load_groups, load_image, make_pairs
+from mechlora.data import Pair, QuestionGroup, load_groups, make_pairs
 from mechlora.errors import MechloraError
 from mechlora.features import with_image_features
 from mechlora.models.choices import ChoiceTokens, as_choices
 from mechlora.models.family import bidirectional
 from mechlora.models.subject import Subject
-from mechlora.patching import (
-    RUNNERS,
-    Prefix,
-    SitePatch,
-    cached_valid,
-    choice_head,
-    choose_engine,
-    margin,
-    run_prefix,
-)
+from mechlora.patching import Prefix, cached_valid, choice_head, margin, run_prefix
 from mechlora.probes import COMPONENTS, Site, all_sites, record
 from mechlora.result import LocalizationResult, merge_results
+from mechlora.spec import LayerSpec
 
 
 @dataclass
@@ -53,6 +41,7 @@ class CleanRun:
     pred: int
     prefix: Prefix | None = None     # KV cache before the first aligned position (cached engine)
     _lens: torch.Tensor | None = None
+    prefixes: dict[int, Prefix] = field(default_factory=dict)  # start -> the cache before it
 
     def logit_lens(self, subject: Subject) -> torch.Tensor:
         """[L, vocab] log-probabilities of the logit lens at the last position (computed once)."""
@@ -92,9 +81,12 @@ def aligned_positions(subject: Subject, inputs: dict, spec: str) -> torch.Tensor
 
 def clean_run(subject: Subject, question: str, image, ref: int,
               answer_ids: ChoiceTokens | Sequence[int],
-              sites: Sequence[Site], spec: str, *, keep_prefix: bool = False) -> CleanRun:
+              sites: Sequence[Site], spec: str, *, keep_prefix: bool = False,
+              each_position: bool = False) -> CleanRun:
     """`keep_prefix`: keep the KV cache of the positions before the first aligned one, which the
-    cached engine then reuses (one forward fewer per recipient)."""
+    cached engine then reuses (one forward fewer per recipient). `each_position`: also the
+    cache cut before each later aligned position (views of the same tensors, no copies), for
+    rows that patch one position only."""
     inputs = subject.encode([question], [image])
     positions = aligned_positions(subject, inputs, spec)
     length = inputs["input_ids"].shape[1]
@@ -107,17 +99,20 @@ def clean_run(subject: Subject, question: str, image, ref: int,
         out = subject.model(**with_image_features(subject, inputs), logits_to_keep=1,
                             use_cache=keep_prefix)
     logits = out.logits[:, -1]
-    prefix = None
-    if keep_prefix:  # the clean run's own cache, cut before the first aligned position
-        prefix = Prefix.of(getattr(out, "cache", None) or out.past_key_values, start)
-        prefix = prefix or run_prefix(subject, inputs, start)
+    prefixes: dict[int, Prefix] = {}
+    if keep_prefix:  # the clean run's own cache, cut before the aligned positions
+        cache = getattr(out, "cache", None) or out.past_key_values
+        starts = sorted({int(p) for p in positions}) if each_position else [start]
+        # Every cut is taken before any is used: each holds views of the whole prompt's cache.
+        prefixes = {s: cut for s in starts if (cut := Prefix.of(cache, s)) is not None}
+        prefixes[start] = prefixes.get(start) or run_prefix(subject, inputs, start)
     return CleanRun(
         inputs=inputs, positions=positions,
         values={s: v[0] for s, v in values.items()},
         resid_last=torch.stack([resid[s][0, 0] for s in resid_sites]).float(),
         margin=float(margin(logits, cols, ref)[0]),
         pred=int(as_choices(cols).scores(logits[0]).argmax()),
-        prefix=prefix,
+        prefix=prefixes.get(start), prefixes=prefixes,
     )
 
 
@@ -213,7 +208,10 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
              engine: str = "auto", only_flips: bool = False, min_delta: float = 0.25,
              max_rows: int | None = None, max_bytes: int | None = None, n_boot: int = 1000,
              progress: bool = True, verify_top: int = 0, logit_lens: bool = True,
-             merge_variants: bool = False) -> LocalizationResult:
+             merge_variants: bool = False, heads: bool = False, per_position: bool = False,
+             specs: Sequence[str | LayerSpec] = (), rule: str = "window:5",
+             by: str | None = None, baseline: LocalizationResult | str | Path | None = None,
+             adapter: str | Path | None = None) -> LocalizationResult:
     """Patch every (layer, component) site from each pair's donor into its recipient.
 
     `pairs` are ordered: pair (a, b) patches a's activations into b's run; `make_pairs` forms
@@ -227,16 +225,33 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     logit-lens KL divergence (a full-vocabulary unembedding of every layer of every prompt: on
     a CPU with a 262k vocabulary, a large share of the sweep). `merge_variants` reads each
     choice as all its case and leading-space variants (mechlora/models/choices.py).
+
+    Beyond the per-layer sweep (docs/localize.md): `components` may name TransformerLens hooks
+    (mechlora.sites); `heads` (or component "z") patches each attention head alone
+    (`result.heads`); `per_position` patches each aligned position of `suffix:K` or `image`
+    alone (`result.by_position`); `specs` ("15-19", "all", "auto": what `rule` selects from
+    this run) measures sufficiency and necessity of patching every attn and mlp output of the
+    spec at once (`result.specs`); `by` ("type", "phenomenon") adds per-group scores to the
+    summary. `adapter` localizes the model with that PEFT adapter applied (the model is left
+    as it came); `baseline` (a base model's result) keeps exactly its pairs and divides every
+    effect by its gaps, so the curves compare (mechlora.before_after).
     """
     from mechlora.bridges import as_subject
+    from mechlora.interventions import add_auto_specs, check_options, cover, parse_specs
     from mechlora.models import wrap
+    from mechlora.sites import components as parse_components
+    from mechlora.sweep import plan_for
 
     subject = as_subject(subject)
     check_limits(min_delta=min_delta, max_rows=max_rows, max_bytes=max_bytes)
+    comps, want_heads = parse_components(components)
+    heads = heads or want_heads
     if engine == "attribution":
         from mechlora.attribution import attribute
 
-        return attribute(subject, pairs, components=components, positions=positions,
+        check_options("attribution", heads=heads, per_position=per_position, specs=specs,
+                      baseline=baseline, adapter=adapter)
+        return attribute(subject, pairs, components=comps, positions=positions,
                          only_flips=only_flips, min_delta=min_delta, max_rows=max_rows,
                          max_bytes=max_bytes, n_boot=n_boot, progress=progress,
                          verify_top=verify_top, merge_variants=merge_variants)
@@ -244,23 +259,92 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
         raise MechloraError("verify_top checks engine='attribution' against exact patching; "
                             "use it with that engine only")
     subject = wrap(subject, None) if not isinstance(subject, Subject) else subject
+    args = dict(components=comps, positions=positions, engine=engine, only_flips=only_flips,
+                min_delta=min_delta, max_rows=max_rows, max_bytes=max_bytes, n_boot=n_boot,
+                progress=progress, logit_lens=logit_lens, merge_variants=merge_variants,
+                heads=heads, per_position=per_position, specs=specs, rule=rule, by=by,
+                baseline=baseline)
+    if adapter is not None:
+        from mechlora.before_after import adapted
+
+        with adapted(subject, adapter) as with_adapter:
+            result = localize(with_adapter, pairs, **args)
+        result.settings["adapter"] = str(adapter)
+        return result
     pairs = _as_pairs(pairs)
     if not pairs:
         raise MechloraError("no pairs to localize: the data has no paraphrase pairs")
-    parse_positions(positions)
-    all_sites(subject.n_layers, components)  # bad options fail before any work
-    kw = dict(components=components, positions=positions, engine=engine,
-              only_flips=only_flips, min_delta=min_delta, max_rows=max_rows,
-              max_bytes=max_bytes, n_boot=n_boot, logit_lens=logit_lens,
-              merge_variants=merge_variants)
+    kind, _ = parse_positions(positions)
+    if per_position and kind == "last":
+        raise MechloraError("per_position patches each aligned position alone; positions "
+                            "'last' has one: use suffix:K (or image after the question)")
+    if not comps and not specs and not heads:
+        raise MechloraError(f"no sites to patch; name components ({', '.join(COMPONENTS)}), "
+                            "heads or specs")
+    if per_position and not comps:
+        raise MechloraError("per_position patches the components at each position: name "
+                            f"some ({', '.join(COMPONENTS)})")
+    all_sites(subject.n_layers, comps)  # bad options fail before any work
+    explicit, auto = parse_specs(specs, subject.n_layers)
+    if auto and "resid" not in comps and not {"attn", "mlp"} & set(comps):
+        raise MechloraError("spec 'auto' selects from this run's scores: patch resid, attn "
+                            "or mlp too")
+    base, keep = _baseline(baseline, pairs, positions)
+    plan = plan_for(subject, comps, heads=heads, per_position=per_position, specs=explicit)
+    kw = dict(components=comps, positions=positions, engine=engine, only_flips=only_flips,
+              min_delta=min_delta, max_rows=max_rows, max_bytes=max_bytes, n_boot=n_boot,
+              logit_lens=logit_lens, merge_variants=merge_variants)
+    result = run_sweep(subject, pairs, plan, keep=keep, progress=progress, **kw)
+    if auto:
+        add_auto_specs(result, subject, pairs, rule, progress=progress, **kw)
+    elif result.specs:
+        cover(result)
+    result.settings.update(heads=heads, per_position=per_position, rule=rule, by=by,
+                           specs=[f"{e.spec} ({e.label})" for e in result.specs])
+    from mechlora.before_after import adapted_layers
+
+    if adapted_layers(subject):
+        result.settings["adapted_layers"] = list(adapted_layers(subject))
+    if base is not None:
+        result.settings["normalization"] = {
+            "by": "baseline", "baseline_model": base.model, "n_pairs": base.n_pairs,
+            "meaning": "every effect divided by the baseline's m(a) - m(b) for the pair"}
+    if by is not None:
+        result.labels(by)  # a bad key fails here, before anything is written
+    return result
+
+
+def _baseline(baseline, pairs: Sequence[Pair], positions: str):
+    """The baseline result and its pairs' gaps (pair id -> m(a) - m(b)), or (None, None)."""
+    if baseline is None:
+        return None, None
+    base = baseline if isinstance(baseline, LocalizationResult) \
+        else LocalizationResult.load(baseline)
+    if base.positions != positions:
+        raise MechloraError(f"the baseline was localized at positions '{base.positions}', "
+                            f"not '{positions}': use the same positions to compare")
+    missing = set(base.pair_ids) - {p.id for p in pairs}
+    if missing:
+        raise MechloraError(f"{len(missing)} pairs of the baseline are not in these pairs "
+                            f"(e.g. {sorted(missing)[0]}): localize the adapted model on the "
+                            "data the baseline used")
+    gaps = base.gap if base.gap is not None else base.margin_a - base.margin_b
+    return base, dict(zip(base.pair_ids, gaps.tolist()))
+
+
+def run_sweep(subject: Subject, pairs: Sequence[Pair], plan, *, progress: bool,
+              **kw) -> LocalizationResult:
+    """`mechlora.sweep.sweep` here, or under `accelerate launch` split over the processes
+    (each sweeps every world-th pair) and gathered into one result in the pairs' order."""
+    from mechlora.sweep import sweep
+
     world = distributed_state()
     if world is None:
-        return _sweep(subject, pairs, progress=progress, **kw)
-    # `accelerate launch`: each process sweeps every world-th pair; one result comes back.
+        return sweep(subject, pairs, plan, progress=progress, **kw)
     from accelerate.utils import gather_object
 
-    part = _sweep(subject, pairs[world.process_index::world.num_processes],
-                  progress=progress and world.is_main_process, **kw)
+    part = sweep(subject, pairs[world.process_index::world.num_processes], plan,
+                 progress=progress and world.is_main_process, **kw)
     return merge_results(gather_object([part]), [p.id for p in pairs])
 
 
@@ -285,90 +369,3 @@ def distributed_state():
     # Without cpu=True accelerate leaves CPU-only processes undistributed (no gloo group).
     state = PartialState(cpu=not torch.cuda.is_available())
     return state if state.num_processes > 1 else None
-
-
-def _sweep(subject: Subject, pairs: Sequence[Pair], *, components: Sequence[str],
-           positions: str, engine: str, only_flips: bool, min_delta: float,
-           max_rows: int | None, max_bytes: int | None, n_boot: int, progress: bool,
-           logit_lens: bool, merge_variants: bool = False) -> LocalizationResult:
-    """The sweep over `pairs` in this process."""
-    sites = all_sites(subject.n_layers, components)
-    rows: dict[str, list] = {"pair": [], "group": [], "ma": [], "mb": []}
-    restoration = {c: [] for c in components}
-    div = {"cosine": [], "logit_lens_kl": []} if logit_lens else {"cosine": []}
-    keep_prefix = engine == "cached" or (engine == "auto" and subject.family.cached)
-    excluded, used_engines = [], set()
-    answer_ids: dict[tuple, ChoiceTokens] = {}
-    runs: dict[tuple[str, int], CleanRun] = {}
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(pairs), desc="localize", unit="pair", disable=not progress)
-    with torch.inference_mode():
-        # Pairs of one question are swept together: all donors of one recipient go through
-        # one call of the engine (for `cached`: one step over the recipient's single prefix).
-        for _, chunk in itertools.groupby(pairs, key=lambda p: p.group.id):
-            chunk = list(chunk)
-            g = chunk[0].group
-            if g.choices not in answer_ids:
-                answer_ids[g.choices] = subject.choice_tokens(
-                    g.choices, merge=merge_variants, where=(g.source, g.line))
-            ids = answer_ids[g.choices]
-            image = load_image(g.image) if (g.image is not None and subject.is_vlm) else None
-            runs = {k: r for k, r in runs.items() if k[0] == g.id}  # bound the memory
-            for v in dict.fromkeys(v for pair in chunk for v in (pair.a, pair.b)):
-                if (g.id, v) not in runs:
-                    runs[(g.id, v)] = clean_run(subject, g.variants[v].text, image,
-                                                g.answer_index, ids, sites, positions,
-                                                keep_prefix=keep_prefix)
-            kept: list[tuple[Pair, float]] = []
-            for pair in chunk:
-                delta = screen(pair, runs[(g.id, pair.a)], runs[(g.id, pair.b)],
-                               positions=positions, only_flips=only_flips,
-                               min_delta=min_delta, excluded=excluded, subject=subject)
-                if delta is not None:
-                    kept.append((pair, delta))
-            margins: dict[str, np.ndarray] = {}
-            for v in dict.fromkeys(pair.b for pair, _ in kept):
-                donors = [pair for pair, _ in kept if pair.b == v]
-                b = runs[(g.id, v)]
-                patches = [SitePatch(s, b.positions, runs[(g.id, pair.a)].values[s])
-                           for pair in donors for s in sites]
-                name = choose_engine(engine, subject, b.inputs, patches)
-                used_engines.add(name)
-                extra = {"prefix": b.prefix} if name == "cached" else {}
-                patched = RUNNERS[name](subject, b.inputs, patches, ids, g.answer_index,
-                                        max_rows=max_rows, max_bytes=max_bytes,
-                                        **extra).cpu().numpy()
-                margins.update(zip([p.id for p in donors], patched.reshape(len(donors), -1)))
-            for pair, delta in kept:
-                a, b = runs[(g.id, pair.a)], runs[(g.id, pair.b)]
-                r = ((margins[pair.id] - b.margin) / delta).reshape(len(components), -1)
-                for i, c in enumerate(components):
-                    restoration[c].append(r[i])
-                for k, v in divergence(subject, a, b, logit_lens=logit_lens).items():
-                    div[k].append(v)
-                rows["pair"].append(pair.id)
-                rows["group"].append(g.id)
-                rows["ma"].append(a.margin)
-                rows["mb"].append(b.margin)
-            bar.update(len(chunk))
-            bar.set_postfix(kept=len(rows["pair"]), excluded=len(excluded))
-    bar.close()
-    n_layers = subject.n_layers
-
-    def stack(values: list) -> np.ndarray:
-        return np.stack(values) if values else np.zeros((0, n_layers))
-
-    return LocalizationResult(
-        model=subject.name, n_layers=n_layers, components=tuple(components), positions=positions,
-        engine="+".join(sorted(used_engines)) or engine, pair_ids=rows["pair"],
-        group_ids=rows["group"], restoration={c: stack(v) for c, v in restoration.items()},
-        margin_a=np.array(rows["ma"]), margin_b=np.array(rows["mb"]),
-        divergence={k: stack(v) for k, v in div.items()}, excluded=excluded, n_boot=n_boot,
-        settings={"engine": engine, "only_flips": only_flips, "min_delta": min_delta,
-                  "max_rows": max_rows, "max_bytes": max_bytes or memory.DEFAULT_MAX_BYTES,
-                  "logit_lens": logit_lens, "n_pairs_in": len(pairs),
-                  "choice_reading": "merged" if merge_variants else "first",
-                  "choice_tokens": {"/".join(c): [list(v) for v in t.ids]
-                                    for c, t in answer_ids.items()},
-                  "seconds": round(time.perf_counter() - t0, 3)},
-    )

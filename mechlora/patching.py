@@ -8,6 +8,8 @@
   position p cannot change any earlier position's keys and values; refused where the prompt
   attends both ways (`Subject.prefix_cache_problem`).
 
+A row is one `SitePatch` or several applied together (a multi-site intervention, e.g. every
+attn and mlp output of a layer spec); sites may be one attention head (`Site(l, "z", h)`).
 All return the answer margin of every patched row, and split their rows into forwards that
 fit `max_bytes` (and `max_rows`, when given; mechlora/memory.py). Logits are computed at the
 last position only, and only for the choices' first tokens (`choice_head`): with a 262k
@@ -38,11 +40,31 @@ ENGINES = ("auto", "full", "batched", "cached", "nnsight", "tlens")
 
 @dataclass
 class SitePatch:
-    """A patch to apply in its own run: `values` [P, hidden] written at recipient `positions`."""
+    """A patch to apply in its own run: `values` [P, width] written at recipient `positions`."""
 
     site: Site
     positions: torch.Tensor
     values: torch.Tensor
+
+
+# A patched row: one SitePatch, or several applied together in one run (a multi-site
+# intervention, e.g. the attn and mlp outputs of every layer of a spec).
+Row = SitePatch | Sequence[SitePatch]
+
+
+def as_row(row: Row) -> tuple[SitePatch, ...]:
+    return (row,) if isinstance(row, SitePatch) else tuple(row)
+
+
+def row_patches(rows: Sequence[Row], offset=lambda i, p: (i, p.positions)) -> list[Patch]:
+    """The `Patch`es of `rows`: row i's patches on batch row `offset(i, p)[0]` at positions
+    `offset(i, p)[1]`."""
+    out = []
+    for i, row in enumerate(rows):
+        for p in as_row(row):
+            r, pos = offset(i, p)
+            out.append(Patch(r, p.site, pos, p.values))
+    return out
 
 
 def margin(logits: torch.Tensor, choices: ChoiceTokens | Sequence[int], ref: int
@@ -99,12 +121,12 @@ def repeat_inputs(subject: Subject, inputs: dict, rows: int) -> dict:
     return out
 
 
-def run_full(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids, ref: int,
+def run_full(subject: Subject, inputs: dict, patches: Sequence[Row], answer_ids, ref: int,
              max_rows: int | None = None, max_bytes: int | None = None) -> torch.Tensor:
     margins = []
     with choice_head(subject, answer_ids) as cols:
-        for p in patches:
-            with patch(subject, [Patch(0, p.site, p.positions, p.values)]):
+        for row in patches:
+            with patch(subject, row_patches([row])):
                 margins.append(margin(last_logits(subject, inputs), cols, ref))
     return torch.cat(margins)
 
@@ -118,22 +140,21 @@ def prompt_chunks(subject: Subject, inputs: dict, n: int, max_rows: int | None,
     return memory.chunks(n, size)
 
 
-def run_batched(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids,
+def run_batched(subject: Subject, inputs: dict, patches: Sequence[Row], answer_ids,
                 ref: int, max_rows: int | None = None, max_bytes: int | None = None
                 ) -> torch.Tensor:
     margins = []
     for start, stop in prompt_chunks(subject, inputs, len(patches), max_rows, max_bytes):
         chunk = patches[start:stop]
         rows = repeat_inputs(subject, inputs, len(chunk))
-        patches_here = [Patch(i, p.site, p.positions, p.values) for i, p in enumerate(chunk)]
-        with choice_head(subject, answer_ids) as cols, patch(subject, patches_here):
+        with choice_head(subject, answer_ids) as cols, patch(subject, row_patches(chunk)):
             margins.append(margin(last_logits(subject, rows), cols, ref))
     return torch.cat(margins)
 
 
-def patch_start(patches: Sequence[SitePatch]) -> int:
+def patch_start(patches: Sequence[Row]) -> int:
     """The first position any of `patches` writes."""
-    return min(int(p.positions.min()) for p in patches)
+    return min(int(p.positions.min()) for row in patches for p in as_row(row))
 
 
 def cached_valid(subject: Subject, inputs: dict, start: int) -> str | None:
@@ -198,7 +219,7 @@ class Prefix:
         return None
 
     def continue_with(self, subject: Subject, inputs: dict,
-                      patches: Sequence[SitePatch] = (), fold: bool | None = None
+                      patches: Sequence[Row] = (), fold: bool | None = None
                       ) -> torch.Tensor:
         """Last-position logits of `inputs`' suffix over this prefix, one row per patch (one
         unpatched row without patches). `fold`: None folds the rows where it is exact."""
@@ -215,15 +236,13 @@ class Prefix:
             kw = {name: v.repeat(1, rows) for name, v in suffix.items()}
             kw["attention_mask"] = self.folded_masks(subject, inputs, rows, k)
             kw["logits_to_keep"] = torch.arange(k - 1, rows * k, k)
-            hooks = [Patch(0, p.site, i * k + p.positions - self.start, p.values)
-                     for i, p in enumerate(patches)]
+            hooks = row_patches(patches, lambda i, p: (0, i * k + p.positions - self.start))
         else:
             kw = {name: v.expand(rows, -1) for name, v in suffix.items()}
             if "attention_mask" in inputs:
                 kw["attention_mask"] = inputs["attention_mask"].expand(rows, -1)
             kw["logits_to_keep"] = 1
-            hooks = [Patch(i, p.site, p.positions - self.start, p.values)
-                     for i, p in enumerate(patches)]
+            hooks = row_patches(patches, lambda i, p: (i, p.positions - self.start))
         try:
             with patch(subject, hooks):
                 out = subject.model(**kw, **{subject.cache_kwarg: self.cache}, use_cache=True)
@@ -281,7 +300,7 @@ def run_prefix(subject: Subject, inputs: dict, start: int) -> Prefix:
     return Prefix(start, cache, families.kv_snapshot(cache))
 
 
-def run_cached(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids,
+def run_cached(subject: Subject, inputs: dict, patches: Sequence[Row], answer_ids,
                ref: int, max_rows: int | None = None, max_bytes: int | None = None,
                prefix: Prefix | None = None) -> torch.Tensor:
     """`prefix`: the recipient's own prefix from its clean run, reused instead of rerun."""
@@ -321,7 +340,7 @@ RUNNERS = {"full": run_full, "batched": run_batched, "cached": run_cached,
 
 
 def choose_engine(engine: str, subject: Subject, inputs: dict,
-                  patches: Sequence[SitePatch]) -> str:
+                  patches: Sequence[Row]) -> str:
     if engine not in ENGINES:
         raise MechloraError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}")
     if engine != "auto":

@@ -30,7 +30,7 @@ def test_localize_writes_json_arrays_and_report(tmp_path, small_pairs, capsys):
                            "--out", str(out), "--max-pairs-per-group", "1", "--quiet"], capsys)
     assert code in (0, None)
     doc = json.loads((out / "localization.json").read_text())
-    assert doc["schema_version"] == 2 and doc["n_layers"] == 12
+    assert doc["schema_version"] == 3 and doc["n_layers"] == 12
     assert doc["n_pairs"] + doc["n_excluded"] == 2
     assert len(doc["score"]["values"]) == 12
     assert doc["settings"]["selection"]["spec"]
@@ -61,7 +61,7 @@ def test_no_logit_lens_records_the_cosine_divergence_only(tmp_path, small_pairs,
 @pytest.mark.parametrize("args, message", [
     (["--pairs", "missing.jsonl"], "missing.jsonl"),
     (["--positions", "first"], "positions"),
-    (["--sites", "resid,heads"], "component"),
+    (["--sites", "resid,neurons"], "unknown site 'neurons'"),
     (["--engine", "warp"], "engine"),
     (["--model", "/no/such/model"], "does not exist"),
     (["--rule", "window:99"], "window"),
@@ -100,3 +100,4 @@ def test_limits_fail_before_the_model_loads(tmp_path, small_pairs, capsys, args,
     code, _, err = run(["localize", "--model", "/no/such/model", "--pairs", str(small_pairs),
                         "--out", str(tmp_path / "o")] + args, capsys)
     assert code == 2 and message in err and "Traceback" not in err
+

@@ -226,7 +226,7 @@ def test_result_round_trip(tmp_path, tiny_vlm, vlm_pairs):
 def test_bad_positions_and_components(tiny_text, vlm_pairs):
     with pytest.raises(MechloraError, match="positions"):
         localize(tiny_text, vlm_pairs[:1], positions="first", progress=False)
-    with pytest.raises(MechloraError, match="component"):
-        localize(tiny_text, vlm_pairs[:1], components=["resid", "heads"], progress=False)
+    with pytest.raises(MechloraError, match="unknown site 'neurons'"):
+        localize(tiny_text, vlm_pairs[:1], components=["resid", "neurons"], progress=False)
     with pytest.raises(MechloraError, match="vision-language"):
         localize(tiny_text, vlm_pairs[:1], positions="image", progress=False)

@@ -60,7 +60,7 @@ def test_round_trip_gives_back_every_field(tmp_path):
         np.testing.assert_array_equal(a, b)
     assert back.summary() == result.summary()
     doc = json.loads((tmp_path / "localization.json").read_text())
-    assert doc["schema_version"] == 2 and doc["n_boot"] == 137
+    assert doc["schema_version"] == 3 and doc["n_boot"] == 137
     assert doc["interval"]["min_groups"] == stats.MIN_CLUSTERS
 
 
@@ -97,6 +97,90 @@ def test_interval_undefined_with_few_groups(tmp_path):
     enough = make_result(n_groups=stats.MIN_CLUSTERS, per_group=3)
     lo, hi = enough.ci("attn")
     assert np.isfinite(lo).all() and (lo < hi).all()
+
+
+def full_result(n_groups: int = 6, seed: int = 1) -> LocalizationResult:
+    """`make_result` with every version-3 field: labels, heads, positions, specs, a gap."""
+    from mechlora.effects import SpecEffect, direction_of_id
+
+    result = make_result(n_groups=n_groups, seed=seed)
+    rng = np.random.default_rng(seed)
+    n = result.n_pairs
+    result.pair_ids = [f"q{i // 2}:{0 if i % 2 else 1}>{1 if i % 2 else 0}" for i in range(n)]
+    result.directions = [direction_of_id(p) for p in result.pair_ids]
+    result.types = ["presence" if i % 3 else None for i in range(n)]
+    result.phenomena = ["lexical" if i % 2 else "register" for i in range(n)]
+    result.heads = rng.normal(size=(n, L, 3))
+    result.by_position = {"resid": rng.normal(size=(n, L, 2))}
+    result.position_labels = ["-2 'x'", "-1 '\\n'"]
+    result.gap = rng.uniform(1, 2, size=n)
+    result.specs = [SpecEffect("1-2", (1, 2), "explicit", result.pair_ids, result.group_ids,
+                               result.directions, rng.uniform(size=n), rng.uniform(size=n),
+                               n_boot=result.n_boot, covered=0.5)]
+    result.settings["by"] = "type"
+    return result
+
+
+def test_version_3_fields_round_trip(tmp_path):
+    result = full_result()
+    result.save(tmp_path)
+    back = LocalizationResult.load(tmp_path)
+    for name in ("types", "phenomena", "directions", "position_labels", "pair_ids"):
+        assert getattr(back, name) == getattr(result, name), name
+    np.testing.assert_array_equal(back.heads, result.heads)
+    np.testing.assert_array_equal(back.by_position["resid"], result.by_position["resid"])
+    np.testing.assert_array_equal(back.gap, result.gap)
+    (spec,) = back.specs
+    assert (spec.spec, spec.layers, spec.label, spec.covered) == ("1-2", (1, 2), "explicit", 0.5)
+    np.testing.assert_array_equal(spec.sufficiency, result.specs[0].sufficiency)
+    np.testing.assert_array_equal(spec.necessity, result.specs[0].necessity)
+    assert back.summary() == result.summary()
+    doc = json.loads((tmp_path / "localization.json").read_text())
+    assert set(doc["directions"]) == {"original>paraphrase", "paraphrase>original"}
+    assert doc["groups"]["by"] == "type" and set(doc["groups"]["values"]) == {"presence",
+                                                                              "(none)"}
+    assert len(doc["heads"]["mean"]) == L and len(doc["heads"]["mean"][0]) == 3
+    assert doc["by_position"]["labels"] == result.position_labels
+    assert doc["specs"][0]["sufficiency"]["mean"] == pytest.approx(
+        float(result.specs[0].sufficiency.mean()))
+    assert doc["pairs"][1]["direction"] == "original>paraphrase"
+
+
+def test_subsets_keep_every_per_pair_array_in_step():
+    result = full_result()
+    part = result.where(direction="original>paraphrase")
+    rows = [i for i, d in enumerate(result.directions) if d == "original>paraphrase"]
+    assert part.pair_ids == [result.pair_ids[i] for i in rows]
+    np.testing.assert_array_equal(part.heads, result.heads[rows])
+    np.testing.assert_array_equal(part.restoration["mlp"], result.restoration["mlp"][rows])
+    np.testing.assert_array_equal(part.specs[0].necessity, result.specs[0].necessity[rows])
+    np.testing.assert_array_equal(part.gap, result.gap[rows])
+    by = result.by("phenomenon")
+    assert sum(p.n_pairs for p in by.values()) == result.n_pairs
+    reordered = result.subset(np.arange(result.n_pairs)[::-1])
+    assert reordered.pair_ids == result.pair_ids[::-1]
+    np.testing.assert_array_equal(reordered.specs[0].sufficiency,
+                                  result.specs[0].sufficiency[::-1])
+    with pytest.raises(MechloraError, match="cannot split a localization by 'colour'"):
+        result.by("colour")
+
+
+def test_version_2_still_reads(tmp_path):
+    """A version-2 file (no labels): directions come back from the pair ids."""
+    make_result().save(tmp_path)
+    path = tmp_path / "localization.json"
+    doc = json.loads(path.read_text())
+    doc["schema_version"] = 2
+    for key in ("directions", "direction_notes"):
+        del doc[key]
+    for p in doc["pairs"]:
+        del p["type"], p["phenomenon"], p["direction"]
+    path.write_text(json.dumps(doc))
+    back = LocalizationResult.load(tmp_path)
+    assert back.pair_ids[:2] == ["q0:0>1", "q0:1>2"]  # make_result's ids
+    assert back.directions[0] == "original>paraphrase"
+    assert set(back.directions[1:]) == {"paraphrase>paraphrase"}
+    assert back.types == [None] * back.n_pairs and back.heads is None and not back.specs
 
 
 def test_version_1_still_reads(tmp_path):

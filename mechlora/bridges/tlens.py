@@ -7,6 +7,8 @@ The "tlens" engine patches through the bridge's hook points, by name:
 - attn: `blocks.{l}.attn.hook_out`, the attention module's output before Gemma's
   post-attention norm (TL's `blocks.{l}.hook_attn_out` is after that norm)
 - mlp: `blocks.{l}.mlp.hook_out`, the MLP's output before the post-feedforward norm
+- z (heads): `blocks.{l}.attn.hook_z`, the output projection's input as
+  [batch, pos, n_heads, head_dim]; head h is `[:, :, h]`
 
 These equal mechlora's hook sites exactly (tests/test_bridges.py checks each one).
 """
@@ -28,14 +30,14 @@ from torch import nn
 from mechlora.bridges import is_bridge
 from mechlora.errors import MechloraError
 from mechlora.models.subject import Subject
-from mechlora.patching import SitePatch, margin, prompt_chunks, repeat_inputs
-from mechlora.probes import Site
+from mechlora.patching import Row, SitePatch, as_row, margin, prompt_chunks, repeat_inputs
+from mechlora.probes import HEADS, Site
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 HOOKS = {"resid": "blocks.{}.hook_out", "attn": "blocks.{}.attn.hook_out",
-         "mlp": "blocks.{}.mlp.hook_out"}
+         "mlp": "blocks.{}.mlp.hook_out", HEADS: "blocks.{}.attn.hook_z"}
 
 # Bridges booted for plain subjects by the "tlens" engine: model -> (weights version, subject).
 _BOOTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -150,19 +152,29 @@ def bridged_subject(subject: Subject) -> Subject:
     return cached[1]
 
 
-def _writer(group: list[tuple[int, SitePatch]]):
-    rows = torch.tensor([i for i, _ in group])[:, None]
-    pos = torch.stack([p.positions for _, p in group])
-    vals = torch.stack([p.values for _, p in group])
-
+def _writer(groups: list[list[tuple[int, SitePatch]]]):
+    """One hook writing every group of patches of one hook point (groups of one site and
+    number of positions; for hook_z, one group per head)."""
     def hook(act: torch.Tensor, hook) -> torch.Tensor:
         act = act.clone()
-        act[rows.to(act.device), pos.to(act.device)] = vals.to(act.device, act.dtype)
+        for group in groups:
+            rows = torch.tensor([i for i, _ in group], device=act.device)[:, None]
+            pos = torch.stack([p.positions for _, p in group]).to(act.device)
+            vals = torch.stack([p.values for _, p in group]).to(act.device, act.dtype)
+            site = group[0][1].site
+            if site.component == HEADS:  # act is [batch, pos, n_heads, head_dim]
+                heads = act.shape[2]
+                if site.head is None:
+                    act[rows, pos] = vals.unflatten(-1, (heads, -1))
+                else:
+                    act[rows, pos, site.head] = vals
+            else:
+                act[rows, pos] = vals
         return act
     return hook
 
 
-def run_tlens(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answer_ids,
+def run_tlens(subject: Subject, inputs: dict, patches: Sequence[Row], answer_ids,
               ref: int, max_rows: int | None = None, max_bytes: int | None = None
               ) -> torch.Tensor:
     """Engine "tlens": the recipient as rows of `bridge.run_with_hooks`, row i patched at
@@ -173,10 +185,12 @@ def run_tlens(subject: Subject, inputs: dict, patches: Sequence[SitePatch], answ
     for lo, hi in prompt_chunks(bs, inputs, len(patches), max_rows, max_bytes):
         chunk = patches[lo:hi]
         rows = repeat_inputs(bs, inputs, len(chunk))
-        by_name: dict[str, list[tuple[int, SitePatch]]] = {}
-        for i, p in enumerate(chunk):
-            by_name.setdefault(hook_name(p.site), []).append((i, p))
-        hooks = [(name, _writer(group)) for name, group in by_name.items()]
+        by_name: dict[str, dict[tuple, list[tuple[int, SitePatch]]]] = {}
+        for i, row in enumerate(chunk):
+            for p in as_row(row):
+                key = (p.site, len(p.positions))
+                by_name.setdefault(hook_name(p.site), {}).setdefault(key, []).append((i, p))
+        hooks = [(name, _writer(list(groups.values()))) for name, groups in by_name.items()]
         input_ids = rows.pop("input_ids")
         logits = bs.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, logits_to_keep=1,
                                           use_cache=False, **rows)

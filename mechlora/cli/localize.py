@@ -20,7 +20,28 @@ def localize(
                                help="Paraphrase data (JSONL or CSV; see docs/data.md). "
                                "Default: the bundled example."),
     out: Path = typer.Option(Path("runs/localize"), "--out", "-o", help="Output folder."),
-    sites: str = typer.Option(",".join(COMPONENTS), help="Components to patch: resid,attn,mlp."),
+    sites: str = typer.Option(
+        ",".join(COMPONENTS), help="Components to patch: resid,attn,mlp, and z for every "
+        "attention head; TransformerLens names work too (hook_resid_post, hook_attn_out, "
+        "hook_mlp_out, attn.hook_z, or blocks.{l}.NAME)."),
+    heads: bool = typer.Option(False, "--heads", help="Also patch each attention head alone "
+                               "(the input of o_proj split by head): a head x layer heatmap."),
+    per_position: bool = typer.Option(
+        False, "--per-position", help="Also patch each aligned position of --positions "
+        "suffix:K (or image) alone: a position x layer heatmap."),
+    spec: list[str] = typer.Option(
+        None, "--spec", help="Layer specs whose attn+mlp outputs are patched all at once, "
+        "for sufficiency (denoising) and necessity (noising): auto (what --rule selects; the "
+        "default when --sites has resid, attn or mlp), all, or e.g. 15-19; repeat the option "
+        "for several, 'none' for no test."),
+    by: str = typer.Option(None, "--by", help="type | phenomenon: scores, intervals and a "
+                           "selection per question type or paraphrase phenomenon."),
+    adapter: Path = typer.Option(None, "--adapter", help="A PEFT adapter folder to apply "
+                                 "(the adapted model is localized; the base is left as is)."),
+    compare_to: Path = typer.Option(
+        None, "--compare-to", help="A base model's localization folder: localize on exactly "
+        "its pairs, in units of its gaps, and report where the divergence shrank "
+        "(comparison.json; the report overlays both)."),
     positions: str = typer.Option(
         "last", help="last | suffix:K | image. suffix:K must stay within the tokens both "
         "prompts share (the chat template's end); image needs the image after the question "
@@ -51,7 +72,8 @@ def localize(
         False, help="Read each choice as all its case and leading-space variants (' yes', "
         "'Yes', ...), summing their probabilities, instead of the one first token mechlora "
         "would write (docs/localize.md)."),
-    rule: str = typer.Option("window:5", help="Selection rule reported with the result."),
+    rule: str = typer.Option("window:5", help="Selection rule reported with the result "
+                             "(and tested by --spec auto)."),
     dtype: str = typer.Option("auto", help="float32 | bfloat16 | float16 | auto."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub folder."),
@@ -64,11 +86,19 @@ def localize(
     """Patch each layer's activations across paraphrase pairs; find where answers diverge.
 
     Writes OUT/localization.json (means, 95% CIs, per-layer scores), OUT/arrays.safetensors
-    (per-pair arrays) and OUT/report.html.
+    (per-pair arrays) and OUT/report.html; prints the selected layers and whether they carry
+    the divergence (sufficiency and necessity of --spec).
 
-    Example: mechlora localize --model tiny-gemma3-vlm --out runs/loc
+    Examples:
+
+        mechlora localize --model tiny-gemma3-vlm --out runs/loc
+
+        mechlora localize --spec 15-19 --spec all --heads --by type --out runs/loc2
+
+        mechlora localize --adapter runs/arm --compare-to runs/loc --out runs/loc-after
     """
     from mechlora.data import EXAMPLE_PATH, load_groups, make_pairs
+    from mechlora.errors import MechloraError
     from mechlora.io import check_out_dir, prepare_out_dir
     from mechlora.localize import check_limits, distributed_state
     from mechlora.localize import localize as run
@@ -81,7 +111,15 @@ def localize(
     world = distributed_state()  # under `accelerate launch`, only the main process writes
     main_process = world is None or world.is_main_process
     groups = load_groups(pairs or EXAMPLE_PATH)
-    reads = [pairs, model, feature_cache, *{g.image.parent for g in groups if g.image}]
+    reads = [pairs, model, feature_cache, adapter, compare_to,
+             *{g.image.parent for g in groups if g.image}]
+    from mechlora.sites import components as parse_sites
+
+    per_layer, _ = parse_sites(sites)  # a bad site name fails now, before loading the model
+    spec = spec or (["auto"] if per_layer else [])
+    specs = [] if [x.strip().lower() for x in spec] == ["none"] else spec
+    if by is not None and by not in ("type", "phenomenon"):
+        raise MechloraError(f"--by {by}: use type or phenomenon")
     out_dir = (prepare_out_dir(out, overwrite, inputs=reads) if main_process
                else check_out_dir(out, overwrite, inputs=reads))
     pair_list = make_pairs(groups, max_pairs_per_group=max_pairs_per_group)
@@ -94,28 +132,76 @@ def localize(
     if main_process:
         typer.echo(f"localize: {subject.name}, {subject.n_layers} layers, {len(pair_list)} "
                    f"pairs from {len(groups)} questions")
+    base = None
+    if compare_to is not None:
+        from mechlora.result import LocalizationResult
+
+        base = LocalizationResult.load(compare_to)
+    exact = engine != "attribution"
     result = run(subject, pair_list, components=[c.strip() for c in sites.split(",")],
                  positions=positions, engine=engine, only_flips=only_flips, min_delta=min_delta,
                  max_rows=max_rows, max_bytes=limit, progress=not quiet, verify_top=verify_top,
-                 logit_lens=logit_lens, merge_variants=merge_variants)
-    selection = select_layers(result.scores, rule) if result.n_pairs else None
+                 logit_lens=logit_lens, merge_variants=merge_variants, heads=heads,
+                 per_position=per_position, specs=specs if exact else (), rule=rule, by=by,
+                 adapter=adapter, baseline=base)
+    selection = None
+    if result.n_pairs and result.components:
+        try:
+            selection = select_layers(result.scores, rule)
+        except MechloraError as e:  # e.g. no positive score left after training: still write
+            result.settings["selection"] = {"rule": rule, "spec": None, "covered": None,
+                                            "reason": str(e)}
     if selection is not None:
         result.settings["selection"] = {"rule": rule, "spec": str(selection.spec),
                                         "covered": selection.covered, "reason": selection.reason}
+    comparison = None
+    if base is not None:
+        from mechlora.before_after import compare_localizations
+
+        comparison = compare_localizations(base, result)
     if not main_process:
         return
     result.save(out_dir)
-    write_localize_report(result, out_dir / "report.html", selection, plotlyjs=plotlyjs)
+    if comparison is not None:
+        from mechlora.io import write_json
+
+        write_json(out_dir / "comparison.json", comparison.summary())
+    write_localize_report(result, out_dir / "report.html", selection, plotlyjs=plotlyjs,
+                          comparison=comparison)
     typer.echo(f"{result.n_pairs} pairs kept, {len(result.excluded)} excluded "
                f"(engine {result.engine}, {result.settings['seconds']:.1f}s)")
     if selection is not None:
         typer.echo(f"selected: {selection.reason}")
+    elif "selection" in result.settings:
+        typer.echo(f"no selection: {result.settings['selection']['reason']}")
+    _print_extras(result, comparison)
     check = result.settings.get("attribution", {})
     if "spearman" in check:
         typer.echo(f"attribution vs exact, top {check['verify_top']} sites: Spearman "
                    f"{check['spearman']:.2f} (site means), {check['spearman_pairs']:.2f} "
                    "(per pair)")
-    typer.echo(f"wrote {out_dir}/localization.json, arrays.safetensors, report.html")
+    extra = ", comparison.json" if comparison is not None else ""
+    typer.echo(f"wrote {out_dir}/localization.json, arrays.safetensors{extra}, report.html")
+
+
+def _print_extras(result, comparison) -> None:
+    """Spec tests, direction notes, groups and the before/after verdict, a line or so each."""
+    from mechlora.breakdown import direction_notes, rule_of, selection_of
+
+    for effect in result.specs:
+        typer.echo(effect.text())
+    if "spec_note" in result.settings:
+        typer.echo(result.settings["spec_note"])
+    for note in direction_notes(result):
+        typer.echo(f"directions disagree: {note}")
+    key = result.settings.get("by")
+    if key:
+        for value, part in result.by(key).items():
+            chosen = selection_of(part, rule_of(result))
+            what = chosen["reason"] if chosen["spec"] else f"no selection: {chosen['reason']}"
+            typer.echo(f"{key} {value}: {part.n_pairs} pairs, {what}")
+    if comparison is not None:
+        typer.echo(f"before/after: {comparison.verdict()}")
 
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

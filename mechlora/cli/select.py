@@ -46,7 +46,9 @@ def select(
     overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Print the chosen layers (first line, for scripts) and why (second line).
+    """Print the chosen layers (first line, for scripts), why (second line), and whether they
+    carry the divergence (sufficiency and necessity, when a localization measured them or
+    --scores localization computes them).
 
     Examples:
 
@@ -62,21 +64,32 @@ def select(
     from mechlora.select import load_selection, parse_selector
 
     target = _out_path(out, overwrite)
+    effect = None
     if source is not None:
         if scores is not None or model is not None:
             raise MechloraError("give either SOURCE (saved scores) or --scores/--model "
                                 "(scores computed now), not both")
         selection = load_selection(source, rule)
+        effect = _saved_effect(source, selection)
     else:
         if model is None:
             raise MechloraError("give SOURCE (a localization folder or a saved selection), or "
                                 "--model with --scores or a band such as --rule early:5")
         selector = _selector(scores, rule)
         needs, _ = parse_selector(selector)
-        selection = _compute(selector, needs, model, pairs, seed, batch_size, pairs_per_group,
-                             r, modules, dtype, device, trust_remote_code, quiet)
+        selection, subject = _compute(selector, needs, model, pairs, seed, batch_size,
+                                      pairs_per_group, r, modules, dtype, device,
+                                      trust_remote_code, quiet)
+        if needs == "localization":  # the pairs and model are at hand: measure it now
+            from mechlora.interventions import spec_effect
+
+            effect = spec_effect(subject, pairs, selection.spec, progress=not quiet)
     typer.echo(str(selection.spec))
     typer.echo(selection.reason)
+    if isinstance(effect, str):
+        typer.echo(effect)
+    elif effect is not None:
+        typer.echo(effect.text())
     if target is not None:
         written = selection.save(target)
         typer.echo(f"wrote {written}")
@@ -123,7 +136,24 @@ def _compute(selector, needs, model, pairs, seed, batch_size, pairs_per_group, r
         options["pairs_per_group"] = pairs_per_group or None
         if batch_size is not None:
             options["batch_size"] = batch_size
-    return choose_layers(selector, subject, pairs, seed=seed, progress=not quiet, **options)
+    return (choose_layers(selector, subject, pairs, seed=seed, progress=not quiet, **options),
+            subject)
+
+
+def _saved_effect(source: Path, selection):
+    """The sufficiency/necessity a localization run measured for the selected spec, or a
+    line saying how to measure it (None without a localization behind SOURCE)."""
+    from mechlora.interventions import localization_folder, measured_effect
+
+    folder = localization_folder(source, selection)
+    if folder is None:
+        return None
+    effect = measured_effect(folder, selection.spec)
+    if effect is not None:
+        return effect
+    return (f"sufficiency/necessity of {selection.spec}: not measured in {folder}; rerun "
+            f"mechlora localize with --spec {selection.spec} (--spec auto tests what --rule "
+            "selects)")
 
 
 def _out_path(out: Path | None, overwrite: bool) -> Path | None:

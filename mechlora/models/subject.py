@@ -29,6 +29,7 @@ LAYER_PATHS = ("model.language_model.layers", "model.layers", "transformer.h", "
                "language_model.model.layers")
 ATTN_NAMES = ("self_attn", "attn", "attention")
 MLP_NAMES = ("mlp", "feed_forward")
+OUT_PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "dense")
 NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -104,6 +105,40 @@ class Subject:
 
     def mlp(self, layer: int) -> nn.Module:
         return self._child(layer, MLP_NAMES, "MLP")
+
+    def out_proj(self, layer: int) -> nn.Module:
+        """The attention's output projection, whose input holds each query head's output."""
+        attn = self.attn(layer)
+        for name in OUT_PROJ_NAMES:
+            if isinstance(getattr(attn, name, None), nn.Module):
+                return getattr(attn, name)
+        raise MechloraError(f"the attention of layer {layer} ({type(attn).__name__}) has no "
+                            f"output projection; looked for {', '.join(OUT_PROJ_NAMES)}")
+
+    @property
+    def n_heads(self) -> int:
+        """Query heads per layer (the output projection reads one `head_dim` slice each)."""
+        cfg = self.text_config
+        return getattr(cfg, "num_attention_heads", None) or cfg.n_head
+
+    @property
+    def head_dim(self) -> int:
+        cfg = self.text_config
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+
+    def check_heads(self) -> None:
+        """Refuse per-head sites where the output projection's input is not
+        `n_heads x head_dim` columns (heads could not be told apart)."""
+        proj = self.out_proj(0)
+        weight = getattr(proj, "weight", None)
+        width = getattr(proj, "in_features", None) or getattr(proj, "nx", None)
+        if width is None and weight is not None:  # GPT-2's Conv1D stores [in, out]
+            width = weight.shape[0]
+        if width != self.n_heads * self.head_dim:
+            raise MechloraError(
+                f"{self.name}: the attention output projection reads {width} features, not "
+                f"{self.n_heads} heads x {self.head_dim}; per-head sites need one slice per "
+                "query head")
 
     @property
     def final_norm(self) -> nn.Module:

@@ -101,20 +101,36 @@ def _num(value) -> str:
 
 
 def write_localize_report(result: LocalizationResult, path: str | Path,
-                          selection=None, plotlyjs: str = "embed") -> Path:
+                          selection=None, plotlyjs: str = "embed", comparison=None) -> Path:
+    """The HTML report; `comparison` (a `mechlora.before_after.LocalizationComparison`) adds
+    the before/after section."""
+    from mechlora.report import interventions as more
+
     page = Page(f"mechlora localize: {result.model}")
     page.text(f"{result.n_pairs} pairs from {len(set(result.group_ids))} question groups, "
               f"{len(result.excluded)} excluded; positions '{result.positions}', engine "
               f"'{result.engine}', {result.n_layers} layers.")
+    if result.gap is not None:
+        page.text("Every restoration here is divided by the baseline model's gap m(a) - m(b) "
+                  "of the pair (not this model's), so it compares with the baseline's.",
+                  note=True)
     if selection is not None:
         page.heading("Selected layers").text(selection.reason)
-    if result.n_pairs:
+    if comparison is not None:
+        more.comparison_section(page, comparison)
+    if result.n_pairs and result.components:
         page.heading("Restoration").figure(restoration_figure(result))
         page.text("r = (m(b<-a) - m(b)) / (m(a) - m(b)): 0 = patching the site does nothing, "
                   "1 = the recipient takes the donor's answer.", note=True)
         page.heading("Where the divergence is written").figure(
             score_figure(result, list(selection.spec.layers) if selection else None))
         page.figure(heatmap_figure(result))
+    if result.n_pairs:
+        more.specs_section(page, result)
+        more.directions_section(page, result)
+        more.heads_section(page, result)
+        more.positions_section(page, result)
+        more.groups_section(page, result)
         page.heading("Observational divergence").figure(divergence_figure(result))
         if "attribution" in result.settings:
             attribution_section(page, result.settings["attribution"])
