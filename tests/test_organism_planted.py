@@ -65,17 +65,35 @@ def test_a_window_that_would_reach_the_question_is_refused():
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """Quick builds (seconds) and a few of their training pairs."""
+    """preset -> its quick build (seconds), built once per module."""
     home = tmp_path_factory.mktemp("organisms")
+    return lambda preset: build_organism(home / preset, preset=preset, quick=True,
+                                         progress=False)
 
-    def get(preset: str):
-        folder = build_organism(home / preset, preset=preset, quick=True, progress=False)
-        fold = next(iter(load_folds(folder).values()))
-        # Few pairs: the `full` engine runs a forward per site, and transformers builds the
-        # sliding-window mask over image blocks slowly (about 0.05 s a forward here).
-        pairs = make_pairs(load_groups(fold.train)[:2], max_pairs_per_group=2, seed=0)
-        return load_model(str(folder), device="cpu", dtype="float32"), pairs
-    return get
+
+def _subject_and_pairs(folder, n_groups: int, per_group: int):
+    fold = next(iter(load_folds(folder).values()))
+    pairs = make_pairs(load_groups(fold.train)[:n_groups], max_pairs_per_group=per_group, seed=0)
+    return load_model(str(folder), device="cpu", dtype="float32"), pairs
+
+
+@pytest.mark.parametrize("preset", ["organism-mid", "organism-late", "organism-full"])
+def test_localize_finds_the_planted_depth(quick, preset):
+    """Positive control: patching the answer position's residual restores nothing below the
+    commit layer k, for every pair, and restores clearly at k; the full-attention control has
+    no such plateau. (Where above k the score peaks is learned, not planted: docs/organism.md.)
+    """
+    subject, pairs = _subject_and_pairs(quick(preset), 6, 3)
+    k = organism_config(preset).commit
+    result = localize(subject, pairs, min_delta=0.05, progress=False, logit_lens=False)
+    assert result.n_pairs >= 3
+    resid = np.abs(result.restoration["resid"])  # [pairs, layers]
+    assert resid[:, :k].max(initial=0.0) < 1e-4
+    onset = int(np.argmax(resid.mean(0) > 0.05))
+    assert onset == k and resid[:, k].mean() > 0.1
+    assert np.abs(result.scores[:k]).max(initial=0.0) < 1e-4 and result.scores.argmax() >= k
+    for component in ("attn", "mlp"):  # nothing below k carries the question either
+        assert np.abs(result.restoration[component][:, :k]).max(initial=0.0) < 1e-4
 
 
 def _patched_margins(result) -> dict[str, np.ndarray]:
@@ -87,7 +105,9 @@ def _patched_margins(result) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("positions", ["last", "suffix:3"])
 @pytest.mark.parametrize("preset", ["organism-mid", "organism-w3"])
 def test_cached_engine_is_exact_on_short_sliding_windows(quick, preset, positions):
-    subject, pairs = quick(preset)
+    # Few pairs: the `full` engine runs a forward per site, and transformers builds the
+    # sliding-window mask over image blocks slowly (about 0.05 s a forward here).
+    subject, pairs = _subject_and_pairs(quick(preset), 2, 2)
     kw = dict(positions=positions, min_delta=1e-3, progress=False, logit_lens=False)
     full = localize(subject, pairs, engine="full", **kw)
     cached = localize(subject, pairs, engine="cached", **kw)

@@ -117,9 +117,12 @@ def build_organism(out_dir: str | Path | None = None, *, preset: str = "organism
         same = (meta.get("version"), meta.get("config"), meta.get("bank"))
         if same == (VERSION, asdict(cfg), bank_hash()):
             return out
+        command = (f"python -m mechlora.organism --preset {name}@{seed} --rebuild"
+                   + (f" --out {out}" if out_dir is not None else "")
+                   + (" --quick" if quick else ""))
         raise MechloraError(f"{out} holds an organism built with other settings or another "
-                            "question bank; pass rebuild=True to replace it, or choose another "
-                            "folder")
+                            f"question bank; replace it with rebuild=True ({command}), or "
+                            "choose another folder")
     if out.exists() and meta is None and (not out.is_dir() or any(out.iterdir())):
         raise MechloraError(f"{out} exists and is not an organism folder; refusing to replace "
                             "it: choose another folder or remove it")
