@@ -127,10 +127,10 @@ def test_bank_choices_words_and_families():
         assert q.kind in {"presence", "location", "size"}
         assert len({c for c in q.choices}) == len(q.choices) and set(q.choices) <= vocab
         assert set(q.families) == set(FAMILIES) and VALIDATION_FAMILY not in PHENOMENA
-        texts = [q.train, *q.rare, *(t for t, _ in q.heldout())]
+        texts = [q.train, *q.rare, *(t for t, _ in q.paraphrases())]
         assert len(set(texts)) == len(texts), q.name  # no family text is trained on
-        for text, _ in q.heldout():
-            assert set(words(text)) <= seen, (q.name, text)  # every held-out word was trained
+        for text, _ in q.paraphrases():
+            assert set(words(text)) <= seen, (q.name, text)  # every family word was trained
     assert len({q.train for q in BANK}) == len(BANK)
 
 
@@ -151,7 +151,7 @@ def test_answers_match_ground_truth():
             assert g["answer"] in g["choices"]
             assert g["type"] == TYPES[g["finding"]].kind
             assert [p["text"] for p in g["paraphrases"]] == [t for t, _ in
-                                                             TYPES[g["finding"]].heldout()]
+                                                             TYPES[g["finding"]].paraphrases()]
 
 
 def test_image_splits_are_disjoint():

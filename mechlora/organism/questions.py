@@ -39,7 +39,7 @@ class QuestionType:
     families: dict[str, tuple[str, ...]]  # family (phenomenon) -> paraphrases
     answer: Callable[[Film], str | None]  # None: the question does not apply to this film
 
-    def heldout(self, families: Sequence[str] = FAMILIES) -> list[tuple[str, str]]:
+    def paraphrases(self, families: Sequence[str] = FAMILIES) -> list[tuple[str, str]]:
         """(text, family) of the paraphrases of `families`, in a fixed order."""
         return [(t, p) for p in families for t in self.families[p]]
 
@@ -201,7 +201,7 @@ def words(text: str) -> list[str]:
 
 def vocabulary() -> list[str]:
     """Every word of the bank, its answers, the instruction and the chat template's roles."""
-    texts = [t for q in BANK for t in (q.train, *q.rare, *(x for x, _ in q.heldout()))]
+    texts = [t for q in BANK for t in (q.train, *q.rare, *(x for x, _ in q.paraphrases()))]
     answers = [c for q in BANK for c in q.choices]
     found = dict.fromkeys(["user", "model", *answers, *words(INSTRUCTION),
                            *(w for t in texts for w in words(t))])
@@ -210,7 +210,7 @@ def vocabulary() -> list[str]:
 
 def bank_hash() -> str:
     """Fingerprint of every phrasing, family and answer set: a cached organism must match it."""
-    rows = [[q.name, q.kind, q.choices, q.train, q.rare, q.heldout()] for q in BANK]
+    rows = [[q.name, q.kind, q.choices, q.train, q.rare, q.paraphrases()] for q in BANK]
     return hashlib.sha256(json.dumps([INSTRUCTION, rows]).encode()).hexdigest()[:16]
 
 
@@ -228,7 +228,7 @@ def groups_for(film: Film, film_id: str, image: str | None,
             record["image"] = image
         record |= {
             "question": q.train,
-            "paraphrases": [{"text": t, "phenomenon": p} for t, p in q.heldout(families)],
+            "paraphrases": [{"text": t, "phenomenon": p} for t, p in q.paraphrases(families)],
             "answer": answer,
             "choices": list(q.choices),
             "type": q.kind,

@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 @dataclass
 class OrganismConfig:
     seed: int = 0
-    # vision: SigLIP, 64 px, patch 16 -> 16 patches, one image token each (patch 8 with 2x2
-    # pooling learned small findings several times slower)
+    # vision: SigLIP, 64 px, patch 16 -> 16 patches, one image token each (in development
+    # runs, patch 8 with 2x2 pooling learned small findings several times slower)
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 2
@@ -95,8 +95,8 @@ class OrganismConfig:
 # wider init makes paraphrases' margins differ by logits, not hundredths, so that localize
 # keeps pairs at its default `min_delta`.
 QUICK = dict(vision_hidden=32, vision_layers=1, hidden=32, heads=2, intermediate=64,
-             init_std=0.1, steps=12, batch_size=16, questions_per_image=2, warmup=2, n_train_images=64,
-             n_pair_images=4, n_validation_images=2, n_test_images=4)
+             init_std=0.1, steps=12, batch_size=16, questions_per_image=2, warmup=2,
+             n_train_images=64, n_pair_images=4, n_validation_images=2, n_test_images=4)
 
 # Gemma's template with `INSTRUCTION` closing every user turn.
 CHAT_TEMPLATE = GEMMA_CHAT_TEMPLATE.replace(
@@ -137,7 +137,7 @@ def check_planted(cfg: OrganismConfig, processor: ProcessorMixin) -> int:
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Run on one torch thread, then restore the caller's setting: float sums then do not
-    depend on the thread count, so a build is the same on every machine and caller."""
+    depend on the thread count, so a build is the same whatever the caller's threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -274,8 +274,9 @@ def _train(cfg: OrganismConfig, processor: ProcessorMixin, progress: bool):
     answer = {t: tokenizer.convert_tokens_to_ids(t) for q in BANK for t in q.choices}
     labels = torch.tensor([finding_labels(f) for f in films])
     # An auxiliary head, dropped after training: it reads every question's answer off the mean
-    # image token. Through a from-scratch 6-layer LM alone the vision tower learns small
-    # findings very slowly; this gets it there in the CPU budget. The LM still learns the rest.
+    # image token. In development runs, the vision tower learned small findings very slowly
+    # through a from-scratch LM alone; this gets it there in the CPU budget. The LM still
+    # learns the rest.
     head = torch.nn.Linear(cfg.hidden, labels.shape[1] * N_CHOICES)
     params = [*model.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
