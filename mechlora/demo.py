@@ -1,8 +1,9 @@
 """`mechlora demo`: the whole method on the model organism, offline, on a laptop CPU.
 
 organism -> localize its flip pairs -> select a window -> train the window and all layers
-with the same budget -> evaluate base / window / all on held-out images and held-out
-paraphrase families -> one report. The steps are public so that analyses reuse them.
+with the same budget -> evaluate base / window / all on test images and a paraphrase family
+that neither the organism nor the adapters saw (the first leave-one-family-out fold) -> one
+report. The steps are public so that analyses reuse them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mechlora.report.page import Page
 @dataclass
 class DemoConfig:
     seed: int = 0                # organism seed; training seeds derive from it
-    window: int = 2              # width of the auto-selected window (the organism has 6 layers)
+    window: int = 2              # width of the auto-selected window (the organism has 8 layers)
     localize_groups: int = 48    # training-image question groups to localize on
     pairs_per_group: int = 6     # ordered wording pairs per group (flip pairs are kept)
     steps: int = 150             # optimizer steps per adapter arm (the same budget for each)
@@ -35,8 +36,8 @@ class DemoConfig:
 @dataclass
 class Organism:
     path: Path
-    train_pairs: Path
-    heldout: Path
+    train_pairs: Path  # the fold's training file: train images x its training families
+    heldout: Path      # its test file: test images x its test family (never trained on)
 
     def load(self):
         from mechlora.models import load_model
@@ -45,11 +46,12 @@ class Organism:
 
 
 def organism(cfg: DemoConfig, progress: bool = True) -> Organism:
-    from mechlora.organism import DATA, build_organism
+    from mechlora.organism import build_organism, load_folds
 
     path = build_organism(seed=cfg.seed, rebuild=cfg.rebuild, quick=cfg.quick,
                           progress=progress)
-    return Organism(path, path / DATA["train_pairs"], path / DATA["heldout"])
+    fold = next(iter(load_folds(path).values()))
+    return Organism(path, fold.train, fold.test)
 
 
 def localize_flips(org: Organism, cfg: DemoConfig, progress: bool = True):
@@ -118,7 +120,8 @@ def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig | None = None, *,
     adapters = [train_arm(org, layers, out / f"adapter-{name}", cfg, progress)
                 for name, layers in arms.items()]
 
-    log("4/5 evaluate base, window and all on held-out images x held-out paraphrases")
+    log("4/5 evaluate base, window and all on test images x a paraphrase family never trained "
+        "on")
     result = evaluate(org.load(), org.heldout, adapters=adapters, out=out / "eval",
                       progress=progress)
     log(result.table())
@@ -142,7 +145,8 @@ def _report(out: Path, loc, selection, result, summary: dict) -> None:
     page.text(f"Organism: {summary['organism']}. Total time {summary['seconds']:.0f} s.")
     page.heading("1. Localization").text(selection.reason)
     page.figure(restoration_figure(loc)).figure(score_figure(loc, list(selection.spec.layers)))
-    page.heading("2. Held-out evaluation (base vs adapters, same training budget)")
+    page.heading("2. Evaluation on test images and an unseen paraphrase family "
+                 "(base vs adapters, same training budget)")
     page.pre(result.table())
     page.text("Details: localize/report.html, eval/report.html, adapter-*/README.md.", note=True)
     page.write(out / "report.html")

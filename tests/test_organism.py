@@ -9,7 +9,15 @@ import pytest
 from PIL import Image
 
 from mechlora.errors import MechloraError
-from mechlora.organism import build_organism, organism_dir, read_meta
+from mechlora.organism import (
+    ORGANISMS,
+    build_organism,
+    load_folds,
+    organism_config,
+    organism_dir,
+    parse_preset,
+    read_meta,
+)
 from mechlora.organism.films import (
     SIDES,
     heart_mask,
@@ -20,14 +28,15 @@ from mechlora.organism.films import (
 )
 from mechlora.organism.questions import (
     BANK,
+    FAMILIES,
     PHENOMENA,
     TYPES,
-    film_seed,
+    VALIDATION_FAMILY,
     groups_for,
     vocabulary,
     words,
-    write_datasets,
 )
+from mechlora.organism.splits import IMAGE_SPLITS, film_seed, write_data
 
 SEEDS = range(200)
 
@@ -117,11 +126,11 @@ def test_bank_choices_words_and_families():
     for q in BANK:
         assert q.kind in {"presence", "location", "size"}
         assert len({c for c in q.choices}) == len(q.choices) and set(q.choices) <= vocab
-        assert set(q.families) == set(PHENOMENA)
-        texts = [q.train, *q.rare, *(t for t, _ in q.heldout())]
-        assert len(set(texts)) == len(texts), q.name  # held-out means never trained on
-        for text, _ in q.heldout():
-            assert set(words(text)) <= seen, (q.name, text)  # every held-out word was trained
+        assert set(q.families) == set(FAMILIES) and VALIDATION_FAMILY not in PHENOMENA
+        texts = [q.train, *q.rare, *(t for t, _ in q.paraphrases())]
+        assert len(set(texts)) == len(texts), q.name  # no family text is trained on
+        for text, _ in q.paraphrases():
+            assert set(words(text)) <= seen, (q.name, text)  # every family word was trained
     assert len({q.train for q in BANK}) == len(BANK)
 
 
@@ -142,32 +151,40 @@ def test_answers_match_ground_truth():
             assert g["answer"] in g["choices"]
             assert g["type"] == TYPES[g["finding"]].kind
             assert [p["text"] for p in g["paraphrases"]] == [t for t, _ in
-                                                             TYPES[g["finding"]].heldout()]
+                                                             TYPES[g["finding"]].paraphrases()]
 
 
 def test_image_splits_are_disjoint():
-    train = {film_seed("train", i) for i in range(5000)}
-    assert not train & {film_seed("test", i) for i in range(5000)}
+    seeds = {split: {film_seed(split, i, s) for i in range(0, 250_000, 7) for s in (0, 1, 2)}
+             for split in IMAGE_SPLITS}
+    assert not seeds["train"] & seeds["validation"]
+    assert not seeds["train"] & seeds["test"] and not seeds["validation"] & seeds["test"]
     assert film_seed("train", 3, seed=1) != film_seed("train", 3, seed=0)
-    with pytest.raises(MechloraError):
+    with pytest.raises(MechloraError, match="split"):
         film_seed("valid", 0)
+    with pytest.raises(MechloraError, match="range"):
+        film_seed("test", 250_000)
 
 
-def test_datasets_are_deterministic_and_load(tmp_path):
-    a = write_datasets(tmp_path / "a", n_train=3, n_test=2)
-    b = write_datasets(tmp_path / "b", n_train=3, n_test=2)
-    for name in a:
-        assert a[name].read_text() == b[name].read_text()
-    rows = [json.loads(line) for line in a["heldout"].read_text().splitlines()]
+def test_data_files_are_deterministic_and_load(tmp_path):
+    from mechlora.data import load_groups
+
+    for d in ("a", "b"):
+        write_data(tmp_path / d, seed=0, n_train=3, n_validation=2, n_test=2)
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.jsonl"))
+    assert len(names) == 2 * len(PHENOMENA) + 1
+    for name in names:
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    path = tmp_path / "a" / f"{PHENOMENA[0]}.test.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert all(r["id"].startswith("test") for r in rows)
-    film = sample_film(film_seed("test", 0))
     img = np.asarray(Image.open(tmp_path / "a" / rows[0]["image"]))
-    assert np.array_equal(img, render_array(film))
-    data = pytest.importorskip("mechlora.data")
-    groups = data.load_groups(a["train_pairs"])
+    assert np.array_equal(img, render_array(sample_film(film_seed("test", 0))))
+    groups = load_groups(tmp_path / "a" / f"{PHENOMENA[0]}.train.jsonl")
     assert len(groups) == sum(len(groups_for(sample_film(film_seed("train", i)), "x", None))
                               for i in range(3))
-    assert {v.phenomenon for v in groups[0].variants[1:]} == set(PHENOMENA)
+    assert {v.phenomenon for v in groups[0].variants[1:]} == set(PHENOMENA[1:])
+    assert {v.phenomenon for v in load_groups(path)[0].variants[1:]} == {PHENOMENA[0]}
 
 
 def test_prompts_match_the_processor():
@@ -187,8 +204,33 @@ def test_prompts_match_the_processor():
 
 def test_default_dir_follows_mechlora_home(monkeypatch, tmp_path):
     monkeypatch.setenv("MECHLORA_HOME", str(tmp_path))
-    assert organism_dir() == tmp_path / "organism-v1-seed0"
-    assert organism_dir(3, quick=True) == tmp_path / "organism-v1-quick-seed3"
+    assert organism_dir() == tmp_path / "organism-mid-v2-seed0"
+    assert organism_dir("organism") == organism_dir("organism-mid@0")
+    assert organism_dir("organism-late", 3, quick=True) == tmp_path / "organism-late-v2-quick-seed3"
+
+
+def test_presets_and_seeds():
+    assert parse_preset("organism") == ("organism-mid", 0)
+    assert parse_preset("organism-w3@2") == ("organism-w3", 2)
+    assert parse_preset("organism-late", 4) == ("organism-late", 4)
+    for bad, match in (("organism-huge", "unknown organism preset"), ("organism-mid@x", "@"),
+                       ("organism-mid@-1", "@")):
+        with pytest.raises(MechloraError, match=match):
+            parse_preset(bad)
+    with pytest.raises(MechloraError, match="give one"):
+        parse_preset("organism-mid@1", 2)
+    cfg = organism_config("organism-w3@1")
+    assert (cfg.layers, cfg.commit, cfg.window, cfg.seed) == (8, 4, 3, 1)
+    assert organism_config("organism-full").commit == 0
+    quick = organism_config("organism-late", quick=True)
+    assert (quick.layers, quick.commit, quick.window) == (8, 6, 2)  # same planted depth
+
+    from mechlora.models import PRESETS
+
+    assert {"organism", *ORGANISMS} <= set(PRESETS)
+    assert "organism-mid@2" in PRESETS and "organism@1" in PRESETS
+    assert "tiny-gemma3-vlm@1" not in PRESETS and "organism-mid@x" not in PRESETS
+    assert PRESETS["organism-late@3"].args == ("organism-late", 3)
 
 
 def test_quick_organism_builds_caches_and_loads(tmp_path):
@@ -198,20 +240,29 @@ def test_quick_organism_builds_caches_and_loads(tmp_path):
     out = build_organism(tmp_path / "org", quick=True, progress=False)
     meta = read_meta(out)
     assert meta["config"]["seed"] == 0 and 0 <= meta["flip_rate_heldout"] <= 1
-    assert (out / meta["files"]["heldout"]).exists()
+    assert meta["preset"] == "organism-mid" and meta["torch_threads"] == 1
+    assert meta["planted"] == {"commit": 4, "window": 2, "reach": 4, "suffix_tokens": 10,
+                               "layer_types": ["sliding_attention"] * 4 + ["full_attention"] * 4}
+    assert set(meta["versions"]) >= {"torch", "transformers"} and meta["code"]
+    folds = load_folds(out)
+    assert list(folds) == list(PHENOMENA)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert build_organism(tmp_path / "org", quick=True, progress=False) == out  # cached
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(MechloraError, match="other settings"):
         build_organism(tmp_path / "org", seed=1, quick=True, progress=False)
+    with pytest.raises(MechloraError, match="other settings"):
+        build_organism(tmp_path / "org", preset="organism-late", quick=True, progress=False)
 
     model = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True).eval()
+    assert model.config.text_config.sliding_window == 2
     proc = AutoProcessor.from_pretrained(out, local_files_only=True)
-    group = json.loads((out / meta["files"]["heldout"]).read_text().splitlines()[0])
+    group = json.loads(folds[PHENOMENA[0]].test.read_text().splitlines()[0])
     image = Image.open(out / "data" / group["image"]).convert("RGB")
     message = [{"role": "user", "content": [{"type": "image"},
                                             {"type": "text", "text": group["question"]}]}]
     prompt = proc.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("? Answer with one word.<end_of_turn>\n<start_of_turn>model\n")
     inputs = proc(text=[prompt], images=[[image]], return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits[0, -1]
@@ -228,3 +279,129 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
         build_organism(tmp_path / "x", quick=True, progress=False)
     with pytest.raises(MechloraError, match="seed"):
         build_organism(tmp_path / "y", seed=-1, quick=True, progress=False)
+
+
+@pytest.fixture(scope="module")
+def quick_build(tmp_path_factory):
+    return build_organism(tmp_path_factory.mktemp("org") / "mid", quick=True, progress=False)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_no_test_family_or_image_leaks_into_training(quick_build):
+    """Parse every file of every fold, independently of `verify_data`."""
+    from mechlora.organism.splits import verify_data
+
+    family_texts = {f: {t for q in BANK for t in q.families[f]} for f in FAMILIES}
+    pixels = {}  # image bytes -> split
+    folds = load_folds(quick_build)
+    assert len(folds) == len(PHENOMENA)
+    for name, fold in folds.items():
+        assert fold.test_family == name and name not in fold.train_families
+        assert fold.validation_family == VALIDATION_FAMILY != name
+        assert set(fold.train_families) == set(PHENOMENA) - {name}
+        for kind, path in fold.files.items():
+            text = path.read_text()
+            families = {"train": fold.train_families, "validation": [VALIDATION_FAMILY],
+                        "test": [name]}[kind]
+            for other in set(FAMILIES) - set(families):  # not even as a substring
+                assert not any(t in text for t in family_texts[other]), (kind, name, other)
+            rows = _lines(path)
+            assert rows
+            for g in rows:
+                assert g["image"].startswith(f"images/{kind}-"), (kind, g["image"])
+                assert {p["phenomenon"] for p in g["paraphrases"]} == set(families)
+                data = (path.parent / g["image"]).read_bytes()
+                assert pixels.setdefault(data, kind) == kind, g["image"]
+    assert set(pixels.values()) == {"train", "validation", "test"}
+    verify_data(quick_build)
+
+
+def test_verify_data_catches_leaks(quick_build, tmp_path):
+    import shutil
+
+    from mechlora.organism.splits import verify_data
+
+    name = PHENOMENA[0]
+    leak = {"id": "x", "image": "images/train-0000.png", "question": BANK[0].train,
+            "paraphrases": [{"text": BANK[0].families[name][0], "phenomenon": name}],
+            "answer": "yes"}
+    cases = {
+        "test paraphrase in training": (f"data/{name}.train.jsonl", leak),
+        "test image in training": (f"data/{name}.train.jsonl",
+                                   {**leak, "image": "images/test-0000.png",
+                                    "paraphrases": [{"text": BANK[0].families[PHENOMENA[1]][0],
+                                                     "phenomenon": PHENOMENA[1]}]}),
+        "validation family in a test file": (f"data/{name}.test.jsonl",
+                                             {**leak, "image": "images/test-0000.png",
+                                              "paraphrases": [{
+                                                  "text": BANK[0].families[VALIDATION_FAMILY][0],
+                                                  "phenomenon": name}]}),
+    }
+    for why, (rel, record) in cases.items():
+        copy = tmp_path / why.replace(" ", "-")
+        shutil.copytree(quick_build, copy)
+        with open(copy / rel, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        with pytest.raises(MechloraError, match="must not be in|is not a train image"):
+            verify_data(copy)
+    copy = tmp_path / "same-image"  # a test film's pixels under a train name
+    shutil.copytree(quick_build, copy)
+    shutil.copy(copy / "data/images/test-0000.png", copy / "data/images/train-0000.png")
+    with pytest.raises(MechloraError, match="is also a (test|train) image"):
+        verify_data(copy)
+
+
+def test_the_organism_trains_on_train_films_and_phrasings_only(monkeypatch):
+    """What the organism's own training reads: train-split films, training or rare phrasings."""
+    import mechlora.organism.train as organism_train
+
+    films, texts = [], []
+    sample = organism_train.sample_film
+    monkeypatch.setattr(organism_train, "sample_film", lambda s: films.append(s) or sample(s))
+    batch = organism_train.Prompts.batch
+    monkeypatch.setattr(organism_train.Prompts, "batch",
+                        lambda self, t, *a, **k: texts.extend(t) or batch(self, t, *a, **k))
+    cfg = organism_config("organism-mid", quick=True)
+    organism_train.train(cfg, progress=False)
+    assert films == [film_seed("train", i) for i in range(cfg.n_train_images)]
+    allowed = {t for q in BANK for t in (q.train, *q.rare)}
+    assert texts and set(texts) <= allowed
+
+
+def test_same_weights_whatever_the_callers_thread_count(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = build_organism(tmp_path / f"t{n}", quick=True, progress=False)
+            assert torch.get_num_threads() == n  # the caller's setting is restored
+            weights.append(load_file(out / "model.safetensors"))
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    assert read_meta(tmp_path / "t1")["config"] == read_meta(tmp_path / "t2")["config"]
+
+
+def test_cli_builds_and_reports(tmp_path, capsys):
+    from mechlora.organism.__main__ import run
+
+    with pytest.raises(SystemExit) as e:
+        run(["--preset", "organism-early@1", "--quick", "--out", str(tmp_path / "o"), "--report",
+             "--quiet"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "o") in out and "| flip rate, test families |" in out
+    assert "| layers / commit / window | 8 / 1 / 2 |" in out
+    with pytest.raises(SystemExit) as e:
+        run(["--preset", "organism-huge", "--quick", "--out", str(tmp_path / "p")])
+    assert e.value.code == 2
+    assert "unknown organism preset" in capsys.readouterr().err

@@ -1,6 +1,9 @@
-"""Built-in models that need no download: tiny random models, and MedGemma-4B's shape on `meta`."""
+"""Built-in models that need no download: tiny random models, MedGemma-4B's shape on `meta`,
+the model organisms (trained here on first use; `organism-mid@SEED` picks a seed)."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from transformers import (
@@ -11,6 +14,7 @@ from transformers import (
 )
 
 from mechlora.models.tokenizer import build_processor, build_tokenizer
+from mechlora.organism import ORGANISMS as ORGANISM_PRESETS
 
 TINY_IMAGE_SIZE = 32
 TINY_IMAGE_TOKENS = 4
@@ -88,13 +92,17 @@ def tiny_gemma3_text(seed: int = 0, n_layers: int = 12):
     return Gemma3ForCausalLM(cfg).eval(), tok
 
 
-def _organism():
+def organism(preset: str = "organism-mid", seed: int | None = None):
+    """A trained model organism (built on first use, then cached; see docs/organism.md)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mechlora.organism import build_organism
 
-    path = build_organism()
-    return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    # Built and loaded on the CPU even inside a `torch.device("meta")` block: it is trained.
+    with torch.device("cpu"):
+        path = build_organism(preset=preset, seed=seed)
+        model = AutoModelForImageTextToText.from_pretrained(path)
+    return model, AutoProcessor.from_pretrained(path)
 
 
 def _gemma3_270m():
@@ -106,10 +114,30 @@ def _gemma3_270m():
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
-PRESETS = {
+class Presets(dict):
+    """Preset name -> loader. Organism presets take a seed: `organism-mid@1`."""
+
+    def _organism(self, name: object) -> tuple[str, int] | None:
+        from mechlora.organism import ALIASES, ORGANISMS
+
+        base, at, seed = str(name).partition("@")
+        if at and (base in ORGANISMS or base in ALIASES) and seed.isdigit():
+            return base, int(seed)
+        return None
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or self._organism(name) is not None
+
+    def __getitem__(self, name: str):
+        if not super().__contains__(name) and (found := self._organism(name)) is not None:
+            return partial(organism, *found)
+        return super().__getitem__(name)
+
+
+PRESETS = Presets({
     "tiny-gemma3-vlm": tiny_gemma3_vlm,
     "tiny-gemma3-text": tiny_gemma3_text,
     "medgemma-4b": medgemma_4b,
-    "organism": _organism,
+    **{name: partial(organism, name) for name in ("organism", *ORGANISM_PRESETS)},
     "gemma3-270m": _gemma3_270m,
-}
+})

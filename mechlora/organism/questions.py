@@ -1,30 +1,32 @@
-"""The organism's question bank: question types, paraphrase families, splits, and its datasets.
+"""The organism's question bank: question types, their phrasings, and paraphrase families.
 
 Each question has three roles of phrasing:
 - `train`: the one wording the organism is trained on (most of the time);
 - `rare`: other wordings seen in a small share of training examples, so that every word of the
-  held-out paraphrases has been seen (a LoRA on the language layers can then fix the flips);
-- `families`: held-out paraphrases, grouped by phenomenon. The organism never sees them; the
-  LoRA trains on them with train images (`train_pairs.jsonl`) and is judged on them with test
-  images (`heldout.jsonl`).
+  families has been seen (a LoRA on the language layers can then fix the flips);
+- `families`: paraphrases grouped by phenomenon, never seen by the organism. The four
+  `PHENOMENA` take turns as the test family of a leave-one-family-out fold; the fifth,
+  `VALIDATION_FAMILY`, is never trained on nor tested: it is where LoRA hyperparameters are
+  chosen (see `mechlora.organism.splits`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from mechlora.errors import MechloraError
-from mechlora.io import atomic_write_bytes, atomic_write_text
-from mechlora.organism.films import Film, render, sample_film
+from mechlora.organism.films import Film
 
 PHENOMENA = ("lexical_substitution", "syntactic_restructuring", "register_shift", "added_context")
-SPLIT_OFFSET = {"train": 0, "test": 500_000}  # film seeds of the two image splits never meet
+VALIDATION_FAMILY = "indirect_form"
+FAMILIES = (*PHENOMENA, VALIDATION_FAMILY)
+# Appended to every user turn by the organism's chat template (`train.CHAT_TEMPLATE`): it puts
+# tokens between the question and the answer position, so that sliding-window layers cannot
+# carry the question there (docs/organism.md, "planted commit depth").
+INSTRUCTION = "Answer with one word."
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,12 @@ class QuestionType:
     choices: tuple[str, ...]  # every first token distinct, so one logit decides the answer
     train: str
     rare: tuple[str, ...]
-    families: dict[str, tuple[str, ...]]  # phenomenon -> held-out paraphrases
+    families: dict[str, tuple[str, ...]]  # family (phenomenon) -> paraphrases
     answer: Callable[[Film], str | None]  # None: the question does not apply to this film
 
-    def heldout(self) -> list[tuple[str, str]]:
-        """(text, phenomenon) of every held-out paraphrase, in a fixed order."""
-        return [(t, p) for p in PHENOMENA for t in self.families[p]]
+    def paraphrases(self, families: Sequence[str] = FAMILIES) -> list[tuple[str, str]]:
+        """(text, family) of the paraphrases of `families`, in a fixed order."""
+        return [(t, p) for p in families for t in self.families[p]]
 
 
 def _yes(flag: bool) -> str:
@@ -53,7 +55,8 @@ BANK: tuple[QuestionType, ...] = (
         train="Is there an opacity?",
         rare=("Does this chest film show a white spot or patch?",
               "Are the lungs cloudy, or are there opacities on any part?",
-              "The patient has a cough and a fever; looking at the film, is there an opacity?"),
+              "The patient has a cough and a fever; looking at the film, is there an opacity?",
+              "If you can see a white patch, would you say it is an opacity?"),
         families={
             "lexical_substitution": ("Is there a consolidation?", "Is there an infiltrate?"),
             "syntactic_restructuring": ("Is an opacity present?", "Are there any opacities?"),
@@ -61,6 +64,8 @@ BANK: tuple[QuestionType, ...] = (
                                "Is any part of the lungs cloudy?"),
             "added_context": ("The patient is short of breath. Is there an opacity?",
                               "Is there an opacity? The patient had heart surgery."),
+            "indirect_form": ("Can you see an opacity?",
+                              "Tell me if there is an opacity on the film."),
         },
         answer=lambda f: _yes(f.opacity is not None),
     ),
@@ -69,7 +74,8 @@ BANK: tuple[QuestionType, ...] = (
         train="Which lung has the opacity?",
         rare=("On which side of the chest is the consolidation or the infiltrate?",
               "In which lung is the white spot, the left or the right?",
-              "The patient has a fever. Looking at this film, which lung has the opacity?"),
+              "The patient has a fever. Looking at this film, which lung has the opacity?",
+              "Tell me: can you see which side has the white spot?"),
         families={
             "lexical_substitution": ("Which lung has the consolidation?",
                                      "Which lung has the infiltrate?"),
@@ -79,6 +85,8 @@ BANK: tuple[QuestionType, ...] = (
                                "On which side are the lungs cloudy?"),
             "added_context": ("The patient has swollen legs. Which lung has the opacity?",
                               "Which lung has the opacity? The patient is short of breath."),
+            "indirect_form": ("Can you tell me which lung has the opacity?",
+                              "Tell me on which side the opacity is."),
         },
         answer=lambda f: f.opacity,
     ),
@@ -87,13 +95,16 @@ BANK: tuple[QuestionType, ...] = (
         train="Is the opacity large?",
         rare=("Is the white spot on the film a big one?",
               "The patient has a cough; is the opacity a large one?",
-              "Does the consolidation or the infiltrate look big?"),
+              "Does the consolidation or the infiltrate look big?",
+              "Would you say the white spot is big, if you can see one?"),
         families={
             "lexical_substitution": ("Is the opacity big?", "Is the consolidation large?"),
             "syntactic_restructuring": ("Is there a large opacity?", "Is it a large opacity?"),
             "register_shift": ("Is the white spot big?", "Is the cloudy patch large?"),
             "added_context": ("The patient has a fever. Is the opacity large?",
                               "Is the opacity large? The patient is short of breath."),
+            "indirect_form": ("Would you say the opacity is large?",
+                              "Can you tell me if the opacity is big?"),
         },
         answer=lambda f: None if f.opacity is None else _yes(f.opacity_size == "large"),
     ),
@@ -102,7 +113,8 @@ BANK: tuple[QuestionType, ...] = (
         train="Is there a pleural effusion?",
         rare=("Does this chest film show any fluid?",
               "Is there any water around the bottom of the lungs?",
-              "The patient is short of breath; looking at the film, are there effusions?"),
+              "The patient is short of breath; looking at the film, are there effusions?",
+              "Can you see water around the lungs? Tell me if so."),
         families={
             "lexical_substitution": ("Is there a pleural fluid collection?",
                                      "Is there a fluid level?"),
@@ -112,6 +124,8 @@ BANK: tuple[QuestionType, ...] = (
                                "Is there water at the bottom of the lungs?"),
             "added_context": ("The patient has a fever and a cough. Is there a pleural effusion?",
                               "Is there a pleural effusion? The patient had heart surgery."),
+            "indirect_form": ("Can you see a pleural effusion?",
+                              "Tell me if there is fluid on the film."),
         },
         answer=lambda f: _yes(f.effusion is not None),
     ),
@@ -120,7 +134,8 @@ BANK: tuple[QuestionType, ...] = (
         train="Which side is the pleural effusion on?",
         rare=("On which side of the chest is the fluid collection or the fluid level?",
               "Where is the water around the lung, on the left or the right?",
-              "The patient is short of breath. Looking at this film, where is the effusion?"),
+              "The patient is short of breath. Looking at this film, where is the effusion?",
+              "If you see fluid, tell me on which side it is."),
         families={
             "lexical_substitution": ("Which side is the fluid collection on?",
                                      "Which side is the fluid level on?"),
@@ -130,6 +145,8 @@ BANK: tuple[QuestionType, ...] = (
                                "On which side is there water at the bottom of the lung?"),
             "added_context": ("The patient has a cough. Which side is the pleural effusion on?",
                               "Which side is the pleural effusion on? The patient has a fever."),
+            "indirect_form": ("Can you tell me which side the pleural effusion is on?",
+                              "Tell me on which side the fluid is."),
         },
         answer=lambda f: f.effusion,
     ),
@@ -138,7 +155,8 @@ BANK: tuple[QuestionType, ...] = (
         train="Is the heart enlarged?",
         rare=("Does the cardiac silhouette or the heart shadow look enlarged?",
               "Does the size of the heart look larger than it should be, too big?",
-              "The patient has swollen legs; is there cardiomegaly or enlargement?"),
+              "The patient has swollen legs; is there cardiomegaly or enlargement?",
+              "Would you say the cardiac silhouette is big? Tell me."),
         families={
             "lexical_substitution": ("Is there cardiomegaly?",
                                      "Is the cardiac silhouette enlarged?"),
@@ -148,6 +166,8 @@ BANK: tuple[QuestionType, ...] = (
                                "Is the heart larger than it should be?"),
             "added_context": ("The patient has a cough. Is the heart enlarged?",
                               "Is the heart enlarged? The patient had heart surgery."),
+            "indirect_form": ("Would you say the heart is enlarged?",
+                              "Can you tell me if the heart is big?"),
         },
         answer=lambda f: _yes(f.heart == "enlarged"),
     ),
@@ -156,7 +176,8 @@ BANK: tuple[QuestionType, ...] = (
         train="Is there a pacemaker?",
         rare=("Does this chest film show an implanted cardiac device?",
               "Is a small metal box that keeps the heart beating present in the chest?",
-              "The patient had heart surgery; are there any pacemakers or devices?"),
+              "The patient had heart surgery; are there any pacemakers or devices?",
+              "Can you see a metal box in the chest? Tell me if you do."),
         families={
             "lexical_substitution": ("Is there a cardiac device?", "Is there an implanted device?"),
             "syntactic_restructuring": ("Is a pacemaker present?", "Are there any pacemakers?"),
@@ -164,6 +185,8 @@ BANK: tuple[QuestionType, ...] = (
                                "Is there a small metal box in the chest?"),
             "added_context": ("The patient is short of breath. Is there a pacemaker?",
                               "Is there a pacemaker? The patient has swollen legs."),
+            "indirect_form": ("Can you see a pacemaker?",
+                              "Tell me if there is a device in the chest."),
         },
         answer=lambda f: _yes(f.device),
     ),
@@ -177,30 +200,24 @@ def words(text: str) -> list[str]:
 
 
 def vocabulary() -> list[str]:
-    """Every word of the bank and its answers, plus the chat template's role names."""
-    texts = [t for q in BANK for t in (q.train, *q.rare, *(x for x, _ in q.heldout()))]
+    """Every word of the bank, its answers, the instruction and the chat template's roles."""
+    texts = [t for q in BANK for t in (q.train, *q.rare, *(x for x, _ in q.paraphrases()))]
     answers = [c for q in BANK for c in q.choices]
-    found = dict.fromkeys(["user", "model", *answers, *(w for t in texts for w in words(t))])
+    found = dict.fromkeys(["user", "model", *answers, *words(INSTRUCTION),
+                           *(w for t in texts for w in words(t))])
     return sorted(found)
 
 
 def bank_hash() -> str:
-    """Fingerprint of every phrasing and answer set: a cached organism must match the bank."""
-    rows = [[q.name, q.kind, q.choices, q.train, q.rare, q.heldout()] for q in BANK]
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+    """Fingerprint of every phrasing, family and answer set: a cached organism must match it."""
+    rows = [[q.name, q.kind, q.choices, q.train, q.rare, q.paraphrases()] for q in BANK]
+    return hashlib.sha256(json.dumps([INSTRUCTION, rows]).encode()).hexdigest()[:16]
 
 
-def film_seed(split: str, index: int, seed: int = 0) -> int:
-    """Seed of film `index` of an image split; the splits never share a film."""
-    if split not in SPLIT_OFFSET:
-        raise MechloraError(f"unknown image split {split!r}; use 'train' or 'test'")
-    if not 0 <= index < SPLIT_OFFSET["test"]:
-        raise MechloraError(f"film index {index} is out of range 0..{SPLIT_OFFSET['test'] - 1}")
-    return seed * 1_000_000 + SPLIT_OFFSET[split] + index
-
-
-def groups_for(film: Film, film_id: str, image: str | None) -> list[dict]:
-    """JSONL records (mechlora's data format) of every question that applies to `film`."""
+def groups_for(film: Film, film_id: str, image: str | None,
+               families: Sequence[str] = FAMILIES) -> list[dict]:
+    """JSONL records (mechlora's data format) of every question that applies to `film`: the
+    training phrasing as `question`, the paraphrases of `families` as `paraphrases`."""
     records = []
     for q in BANK:
         answer = q.answer(film)
@@ -211,7 +228,7 @@ def groups_for(film: Film, film_id: str, image: str | None) -> list[dict]:
             record["image"] = image
         record |= {
             "question": q.train,
-            "paraphrases": [{"text": t, "phenomenon": p} for t, p in q.heldout()],
+            "paraphrases": [{"text": t, "phenomenon": p} for t, p in q.paraphrases(families)],
             "answer": answer,
             "choices": list(q.choices),
             "type": q.kind,
@@ -219,33 +236,3 @@ def groups_for(film: Film, film_id: str, image: str | None) -> list[dict]:
         }
         records.append(record)
     return records
-
-
-def write_split(path: str | Path, split: str, n_images: int, *, seed: int = 0) -> Path:
-    """Write `n_images` films of `split` as PNGs under `images/` beside `path`, their groups as
-    JSONL at `path` (image paths relative to it, as mechlora's loader expects)."""
-    path = Path(path)
-    lines = []
-    for i in range(n_images):
-        film = sample_film(film_seed(split, i, seed))
-        name = f"images/{split}-{i:04d}.png"
-        _write_png(path.parent / name, film)
-        lines += [json.dumps(r) for r in groups_for(film, f"{split}{i:04d}", name)]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
-def _write_png(path: Path, film: Film) -> None:
-    buf = io.BytesIO()
-    render(film).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def write_datasets(folder: str | Path, *, seed: int = 0, n_train: int = 64,
-                   n_test: int = 64) -> dict[str, Path]:
-    """`train_pairs.jsonl` (train images, for the LoRA) and `heldout.jsonl` (test images, eval)."""
-    folder = Path(folder)
-    return {
-        "train_pairs": write_split(folder / "train_pairs.jsonl", "train", n_train, seed=seed),
-        "heldout": write_split(folder / "heldout.jsonl", "test", n_test, seed=seed),
-    }

@@ -1,11 +1,14 @@
 """Train the organism from scratch: a tiny Gemma 3 VLM that knows one phrasing per question.
 
-Plain torch loop, seeded. Each example is (film, question, phrasing): the training phrasing,
-or with probability `rare_share` one of the rare phrasings. Loss: cross-entropy of the first
-answer token at the last prompt position (the start of the model turn), exactly where mechlora
-reads the answer, plus an auxiliary finding loss on the image tokens (see `train`). Prompts go
+The language model's layers below `commit` are sliding-window layers with a tiny window: the
+answer position cannot read the question before layer `commit` (docs/organism.md). Plain torch
+loop on one thread, seeded: the same config gives the same weights whatever the caller's
+thread count. Each example is (film, question, phrasing): the training phrasing, or with
+probability `rare_share` one of the rare phrasings. Loss: cross-entropy of the first answer
+token at the last prompt position (the start of the model turn), exactly where mechlora reads
+the answer, plus an auxiliary finding loss on the image tokens (see `train`). Prompts go
 through the processor's chat template, as in localize and eval. `quick_check` measures the
-result on the held-out set.
+result on test films and every paraphrase family.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,9 +26,18 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from mechlora.models.tokenizer import build_processor, build_tokenizer
+from mechlora.errors import MechloraError
+from mechlora.models.tokenizer import GEMMA_CHAT_TEMPLATE, build_processor, build_tokenizer
 from mechlora.organism.films import SIZE, Film, render_array, sample_film
-from mechlora.organism.questions import BANK, PHENOMENA, film_seed, groups_for, vocabulary
+from mechlora.organism.questions import (
+    BANK,
+    FAMILIES,
+    INSTRUCTION,
+    PHENOMENA,
+    groups_for,
+    vocabulary,
+)
+from mechlora.organism.splits import film_seed
 
 if TYPE_CHECKING:
     from transformers import Gemma3ForConditionalGeneration, PreTrainedModel, ProcessorMixin
@@ -32,19 +46,23 @@ if TYPE_CHECKING:
 @dataclass
 class OrganismConfig:
     seed: int = 0
-    # vision: SigLIP, 64 px, patch 16 -> 16 patches, one image token each (patch 8 with 2x2
-    # pooling learned small findings several times slower)
+    # vision: SigLIP, 64 px, patch 16 -> 16 patches, one image token each (in development
+    # runs, patch 8 with 2x2 pooling learned small findings several times slower)
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 2
     patch_size: int = 16
     mm_tokens: int = 16
-    # language model
+    # language model: layers [0, commit) attend to a window of `window` tokens (themselves and
+    # the window - 1 before), layers [commit, layers) to the whole prompt; commit 0: no window
+    layers: int = 8
+    commit: int = 4
+    window: int = 2
     hidden: int = 128
-    layers: int = 6
     heads: int = 4
     kv_heads: int = 1
     intermediate: int = 256
+    init_std: float = 0.02  # transformers' default initializer_range
     # training
     steps: int = 1000
     batch_size: int = 32
@@ -55,13 +73,77 @@ class OrganismConfig:
     rare_share: float = 0.01  # share of examples in a rare phrasing: teaches their words, barely
     bidirectional_share: float = 0.5  # share of batches given token_type_ids (see `train`)
     n_train_images: int = 3000
-    n_pair_images: int = 64  # train images written to train_pairs.jsonl (for the LoRA)
-    n_test_images: int = 64  # test images written to heldout.jsonl (eval)
+    n_pair_images: int = 64  # train images in the folds' training files (for the LoRA)
+    n_validation_images: int = 64  # validation images (choosing the LoRA's settings)
+    n_test_images: int = 128  # test images (the folds' test files, and `quick_check`)
+
+    def validate(self) -> OrganismConfig:
+        if not (0 <= self.commit < self.layers and self.window >= 1):
+            raise MechloraError(f"organism: need 0 <= commit < layers and window >= 1, got "
+                                f"layers={self.layers}, commit={self.commit}, "
+                                f"window={self.window}")
+        return self
+
+    @property
+    def reach(self) -> int:
+        """How many positions before itself the answer position can read through the
+        sliding-window layers below `commit`: each adds window - 1."""
+        return self.commit * (self.window - 1)
 
 
-QUICK = dict(vision_hidden=32, vision_layers=1, hidden=64, layers=2, heads=2, intermediate=128,
-             steps=12, batch_size=16, questions_per_image=2, warmup=2, n_train_images=64,
-             n_pair_images=4, n_test_images=4)
+# Seconds to build, for tests: a narrow network and a dozen steps, same depth and windows. A
+# wider init makes paraphrases' margins differ by logits, not hundredths, so that localize
+# keeps pairs at its default `min_delta`.
+QUICK = dict(vision_hidden=32, vision_layers=1, hidden=32, heads=2, intermediate=64,
+             init_std=0.1, steps=12, batch_size=16, questions_per_image=2, warmup=2,
+             n_train_images=64, n_pair_images=4, n_validation_images=2, n_test_images=4)
+
+# Gemma's template with `INSTRUCTION` closing every user turn.
+CHAT_TEMPLATE = GEMMA_CHAT_TEMPLATE.replace(
+    "{% endif %}<end_of_turn>",
+    "{% endif %}{% if message['role'] == 'user' %} " + INSTRUCTION + "{% endif %}<end_of_turn>")
+assert CHAT_TEMPLATE != GEMMA_CHAT_TEMPLATE
+
+
+def organism_processor(cfg: OrganismConfig):
+    """The organism's processor: word-level tokenizer, 64 px films, the padded chat template."""
+    tokenizer = build_tokenizer(vocabulary())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    processor = build_processor(tokenizer, image_size=SIZE, image_seq_length=cfg.mm_tokens)
+    processor.chat_template = CHAT_TEMPLATE
+    return processor
+
+
+def suffix_tokens(processor: ProcessorMixin) -> int:
+    """Tokens of the prompt after the question's last token, the answer position included."""
+    question = "Is there an opacity?"
+    prompt = chat_prompt(processor, question)
+    tail = prompt[prompt.index(question) + len(question):]
+    return len(processor.tokenizer(tail, add_special_tokens=False)["input_ids"])
+
+
+def check_planted(cfg: OrganismConfig, processor: ProcessorMixin) -> int:
+    """The suffix length; refuses a config whose sliding layers would reach the question."""
+    n = suffix_tokens(processor)
+    if cfg.reach >= n:
+        raise MechloraError(
+            f"organism: commit={cfg.commit} layers of window {cfg.window} let the answer "
+            f"position read {cfg.reach} tokens back, but only {n - 1} template tokens separate "
+            "it from the question: the commit depth would not be planted; lower commit or "
+            "window")
+    return n
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run on one torch thread, then restore the caller's setting: float sums then do not
+    depend on the thread count, so a build is the same whatever the caller's threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def build_model(cfg: OrganismConfig, tokenizer) -> Gemma3ForConditionalGeneration:
@@ -79,7 +161,10 @@ def build_model(cfg: OrganismConfig, tokenizer) -> Gemma3ForConditionalGeneratio
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
         num_key_value_heads=cfg.kv_heads, head_dim=cfg.hidden // cfg.heads,
         query_pre_attn_scalar=cfg.hidden // cfg.heads, max_position_embeddings=512,
-        sliding_window=512,  # longer than any prompt: local layers see the whole prompt too
+        initializer_range=cfg.init_std,
+        layer_types=["sliding_attention"] * cfg.commit
+        + ["full_attention"] * (cfg.layers - cfg.commit),
+        sliding_window=cfg.window,
         pad_token_id=ids("<pad>"), eos_token_id=ids("<eos>"), bos_token_id=ids("<bos>"),
     )
     vision = SiglipVisionConfig(
@@ -164,13 +249,21 @@ def answer_ids(tokenizer, choices: tuple[str, ...]) -> list[int]:
 
 def train(cfg: OrganismConfig, *, progress: bool = True,
           ) -> tuple[Gemma3ForConditionalGeneration, ProcessorMixin, dict[str, float]]:
-    """Train from scratch. Returns the model (eval mode), its processor, and the timing."""
+    """Train from scratch on one thread. Returns the model (eval mode), its processor, and the
+    timing."""
+    cfg.validate()
+    processor = organism_processor(cfg)
+    check_planted(cfg, processor)
+    with one_thread():
+        return _train(cfg, processor, progress)
+
+
+def _train(cfg: OrganismConfig, processor: ProcessorMixin, progress: bool):
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    tokenizer = build_tokenizer(vocabulary())
-    processor = build_processor(tokenizer, image_size=SIZE, image_seq_length=cfg.mm_tokens)
+    tokenizer = processor.tokenizer
     prompts = Prompts(processor)
     model = build_model(cfg, tokenizer)
 
@@ -181,8 +274,9 @@ def train(cfg: OrganismConfig, *, progress: bool = True,
     answer = {t: tokenizer.convert_tokens_to_ids(t) for q in BANK for t in q.choices}
     labels = torch.tensor([finding_labels(f) for f in films])
     # An auxiliary head, dropped after training: it reads every question's answer off the mean
-    # image token. Through a from-scratch 6-layer LM alone the vision tower learns small
-    # findings very slowly; this gets it there in the CPU budget. The LM still learns the rest.
+    # image token. In development runs, the vision tower learned small findings very slowly
+    # through a from-scratch LM alone; this gets it there in the CPU budget. The LM still
+    # learns the rest.
     head = torch.nn.Linear(cfg.hidden, labels.shape[1] * N_CHOICES)
     params = [*model.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -250,7 +344,14 @@ class _Row:
 
 def quick_check(model: PreTrainedModel, processor: ProcessorMixin, cfg: OrganismConfig, *,
                 token_types: bool = True) -> dict:
-    """Accuracy and flip rate on what heldout.jsonl holds: test films x held-out paraphrases."""
+    """Accuracy and flip rate on test films x every paraphrase family (none of which the
+    organism saw). Headline figures pool the four test families (`PHENOMENA`); the validation
+    family is reported on its own in `flip_rate_by_phenomenon`."""
+    with one_thread():
+        return _check(model, processor, cfg, token_types)
+
+
+def _check(model, processor, cfg: OrganismConfig, token_types: bool) -> dict:
     prompts = Prompts(processor)
     films = [sample_film(film_seed("test", i, cfg.seed)) for i in range(cfg.n_test_images)]
     pixels = np.stack([render_array(f) for f in films])
@@ -266,7 +367,7 @@ def quick_check(model: PreTrainedModel, processor: ProcessorMixin, cfg: Organism
         pred |= dict(zip(part, got, strict=True))
     original = {r.group: pred[r] for r in rows if r.phenomenon is None}
     questions = [r for r in rows if r.phenomenon is None]
-    pairs = [r for r in rows if r.phenomenon is not None]
+    pairs = [r for r in rows if r.phenomenon in PHENOMENA]
 
     def flipped(r: _Row) -> bool:
         return pred[r] != original[r.group]
@@ -283,8 +384,8 @@ def quick_check(model: PreTrainedModel, processor: ProcessorMixin, cfg: Organism
         "accuracy_train_phrasing": rate(questions, correct),
         "accuracy_heldout_paraphrases": rate(pairs, correct),
         "flip_rate_heldout": rate(pairs, flipped),
-        "flip_rate_by_phenomenon": {p: rate([r for r in pairs if r.phenomenon == p], flipped)
-                                    for p in PHENOMENA},
+        "flip_rate_by_phenomenon": {p: rate([r for r in rows if r.phenomenon == p], flipped)
+                                    for p in FAMILIES},
         "by_question": {q.name: {
             "accuracy_train_phrasing": rate([r for r in questions if r.finding == q.name], correct),
             "flip_rate_heldout": rate([r for r in pairs if r.finding == q.name], flipped),
