@@ -1,0 +1,489 @@
+"""Does localization inform fine-tuning? The planted-depth organisms (issue 13).
+
+    python analyses/localization_vs_editing.py               # every part, in priority order
+    python analyses/localization_vs_editing.py --parts main --presets organism-mid
+    python analyses/localization_vs_editing.py --parts dose   # the KL-weight dose-response
+    python analyses/localization_vs_editing.py --quick        # quick organisms, a smoke test
+
+Every part is `mechlora.compare` in its own folder under --out, so a rerun reuses every
+finished adapter and evaluation; stop it at any time and run the same command again.
+
+Design (fixed before any adapter was trained):
+  organisms  PRESETS (planted commit layer k: below k the answer position cannot read the
+             question) and the full-attention control, organism seeds --organism-seeds.
+  data       the first leave-one-family-out fold of each build: LoRA trains on its training
+             file (train films x three paraphrase families), the settings are chosen on its
+             validation file (validation films x the validation family), and every arm is scored
+             on the first TEST_GROUPS questions of its test file (test films x the fourth
+             family): wordings and films that no training step of the organism or of any
+             adapter saw.
+  settings   `search`: the `all` arm on organism-mid (organism seed 0, LoRA seed 0) for each
+             learning rate of GRID, checked on the validation file every CHECK_EVERY steps;
+             `choose_setting` picks (lr, steps) and every other part uses them.
+  arms       every width-2 window (`single:2`), all layers, all layers at the parameter count of
+             `auto` (`all@match=auto`), `auto` (localization, window:2) and a random band
+             (`randband:2`); on organism-mid also every single layer (`single`), whose flip
+             reductions give the Spearman test of each selector's scores. SEEDS LoRA seeds,
+             the same budget for every arm (compare.json `budget`).
+  dose       organism-mid, `auto` and `all`, kl_weight in DOSE, SEEDS seeds: a flip-vs-accuracy
+             front.
+
+Decision rule (stated before running; `verdict` applies it):
+  For each organism the best window is the width-2 window with the lowest mean held-out flip
+  rate (`original_flip_rate`) over seeds, among windows whose mean accuracy is at least the base
+  model's minus ACCURACY_SLACK (all windows if none is).
+  - "tracks k": in every planted organism the best window starts within one layer of k.
+  - "early wins": the best window is 0-1 in every organism, planted or not.
+  - otherwise "neither", reported per organism.
+  Secondary: `auto` vs `all@match=auto` (the paired seed x question interval of compare):
+  "auto better" / "auto worse" when the interval of the flip-rate difference excludes 0,
+  otherwise "no difference detected".
+
+Writes OUT/summary.json, OUT/results.md and OUT/report.html, and copies summary.json and
+results.md to --results (default analyses/results/localization_vs_editing; not with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SCHEMA_VERSION = 1
+PRESETS = ("organism-mid", "organism-full", "organism-late", "organism-early", "organism-w3")
+ARMS = "single:2,all,all@match=auto,auto,randband:2"
+SINGLE = "single"  # added on organism-mid: the single-layer (Hase et al.) test
+SEEDS = (1, 2, 3)
+DOSE = (0.0, 0.5, 1.0, 2.0, 4.0)
+DOSE_ARMS = "auto,all"
+GRID = dict(lr=(5e-4, 2e-3))
+STEPS, CHECK_EVERY = 120, 40
+RECIPE = dict(r=8, alpha=16, dropout=0.05, grad_accum=8, kl_weight=1.0, schedule="constant",
+              epochs=10_000, save_every=0, rule="window:2", localize_groups=48)
+TEST_GROUPS = VALIDATION_GROUPS = 120
+LOCALIZE_GROUPS = 48
+ACCURACY_DROP, FLIP_TIE = 0.02, 0.01  # the settings rule
+ACCURACY_SLACK = 0.05  # the decision rule: a window may not win by losing accuracy
+FLIP = "original_flip_rate"
+METRICS = (FLIP, "accuracy", "margin_diff", "text_only_agreement_gray", "swap_sensitivity")
+PARTS = ("search", "main", "dose")
+
+
+# ---- rules ------------------------------------------------------------------------------------
+
+def choose_setting(base: dict, candidates: list[dict]) -> dict[str, Any]:
+    """The settings rule: among checks whose validation accuracy is at most ACCURACY_DROP
+    below the base model's, the lowest flip rate; rates within FLIP_TIE of it are tied, and a
+    tie goes to the fewest steps, then the lower learning rate. If no check keeps the accuracy,
+    the most accurate one."""
+    floor = base["accuracy"] - ACCURACY_DROP
+    eligible = [c for c in candidates if c["accuracy"] >= floor - 1e-9]
+    if not eligible:
+        best = max(candidates, key=lambda c: (c["accuracy"], -c["flip_rate"], -c["steps"]))
+        return {**best, "why": f"no check kept validation accuracy >= {floor:.3f}: the most "
+                               "accurate"}
+    low = min(c["flip_rate"] for c in eligible)
+    tied = [c for c in eligible if c["flip_rate"] <= low + FLIP_TIE + 1e-12]
+    best = min(tied, key=lambda c: (c["steps"], c["lr"]))
+    return {**best, "why": f"lowest validation flip rate among {len(eligible)} checks with "
+                           f"accuracy >= {floor:.3f}; {len(tied)} within {FLIP_TIE} of it, the "
+                           "fewest steps"}
+
+
+def best_window(windows: dict[str, dict], base_accuracy: float) -> dict[str, Any]:
+    """The decision rule's best window. `windows`: arm -> {layers, flip, accuracy} (means)."""
+    floor = base_accuracy - ACCURACY_SLACK
+    eligible = {a: w for a, w in windows.items() if w["accuracy"] >= floor - 1e-12}
+    pool = eligible or windows
+    arm = min(pool, key=lambda a: (pool[a]["flip"], pool[a]["layers"][0]))
+    return {"arm": arm, "layers": pool[arm]["layers"], "start": pool[arm]["layers"][0],
+            "flip": pool[arm]["flip"], "accuracy": pool[arm]["accuracy"],
+            "accuracy_floor": floor, "n_eligible": len(eligible)}
+
+
+def verdict(organisms: list[dict]) -> dict[str, Any]:
+    """The decision rule over every measured organism: {"verdict", "why", "per_organism"}."""
+    planted = [o for o in organisms if o["k"] > 0]
+    per = {o["name"]: {"k": o["k"], "best_start": o["best"]["start"],
+                       "within_one_of_k": abs(o["best"]["start"] - o["k"]) <= 1,
+                       "best_is_0_1": o["best"]["layers"] == [0, 1]} for o in organisms}
+    if planted and all(per[o["name"]]["within_one_of_k"] for o in planted):
+        v, why = "tracks k", "in every planted organism the best window starts within one of k"
+    elif organisms and all(p["best_is_0_1"] for p in per.values()):
+        v, why = "early wins", "the best window is 0-1 in every organism"
+    else:
+        v, why = "neither", "the best window neither tracks k everywhere nor is 0-1 everywhere"
+    if not planted:
+        v, why = "undecided", "no planted organism measured"
+    return {"verdict": v, "why": why, "per_organism": per}
+
+
+def matched_test(doc: dict) -> dict[str, Any] | None:
+    """auto vs all@match=auto on the flip rate, from compare.json's paired statistics."""
+    arms = doc["arms"]
+    if "auto" not in arms or "all@match=auto" not in arms:
+        return None
+    ref = doc["reference"]
+    if ref == "auto":
+        t = arms["all@match=auto"]["vs_reference"][FLIP]
+        diff, ci = -t["diff"], [-t["ci"][1], -t["ci"][0]] if t["ci"][0] is not None else t["ci"]
+    else:
+        return None
+    lo, hi = ci
+    call = ("undefined" if lo is None else "auto better" if hi < 0 else
+            "auto worse" if lo > 0 else "no difference detected")
+    return {"diff_auto_minus_matched": diff, "ci": ci, "p": t.get("p"),
+            "sign_flip_p": t.get("sign_flip_p"), "call": call, "covers": t.get("covers")}
+
+
+# ---- the parts --------------------------------------------------------------------------------
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def organism_files(preset: str, seed: int, quick: bool) -> dict[str, Any]:
+    from mechlora.organism import build_organism, load_folds, read_meta
+
+    path = build_organism(preset=preset, seed=seed, quick=quick, progress=not quick)
+    fold = next(iter(load_folds(path).values()))
+    meta = read_meta(path)
+    return {"path": path, "fold": fold, "k": meta["planted"]["commit"],
+            "window": meta["planted"]["window"]}
+
+
+def localization(org: dict, folder: Path) -> Path:
+    """`auto`'s scores: the flip pairs of LOCALIZE_GROUPS training groups (as
+    analyses/organisms.py), localized once per organism and kept in `folder`."""
+    from mechlora.data import load_groups, make_pairs
+    from mechlora.localize import localize
+    from mechlora.models import load_model
+
+    if (folder / "localization.json").is_file():
+        return folder
+    groups = load_groups(org["fold"].train)[:LOCALIZE_GROUPS]
+    pairs = make_pairs(groups, max_pairs_per_group=6, seed=0)
+    subject = load_model(str(org["path"]), device="cpu", dtype="float32")
+    loc = localize(subject, pairs, only_flips=True, progress=False)
+    if loc.n_pairs == 0:  # a quick organism may not flip at all: every pair instead
+        loc = localize(subject, pairs, min_delta=1e-3, progress=False)
+    loc.save(folder)
+    return folder
+
+
+def config(lr: float, steps: int, **overrides):
+    from mechlora.train import TrainConfig
+
+    return TrainConfig(**{**RECIPE, "lr": lr, "max_steps": steps, **overrides})
+
+
+def part_search(args, out: Path) -> dict:
+    """The settings rule on organism-mid's validation file; cached in OUT/search.json."""
+    from mechlora.data import load_groups
+    from mechlora.io import read_json, read_jsonl, write_json
+    from mechlora.train import train_arm
+
+    path = out / "search.json"
+    if path.is_file():
+        return read_json(path)
+    org = organism_files("organism-mid", 0, args.quick)
+    validation = load_groups(org["fold"].validation)[:args.validation_groups]
+    runs, base = [], None
+    for lr in args.grid:
+        folder = out / "search" / f"lr{lr:g}"
+        _log(f"search: all layers, lr {lr:g}, {args.steps} steps, validation check every "
+             f"{args.check_every}")
+        train_arm(str(org["path"]), org["fold"].train, folder, layers="all",
+                  config=config(lr, args.steps, seed=0, eval_every=args.check_every),
+                  eval_pairs=validation, progress=not args.quick)
+        rows = read_jsonl(folder / "metrics.jsonl")
+        checks = [r for r in rows if r["kind"] == "eval"]
+        base = base or next(r for r in checks if r["step"] == 0)
+        runs += [{"lr": lr, "steps": r["step"], **{k: r[k] for k in
+                  ("flip_rate", "accuracy", "margin_diff", "n_pairs")}}
+                 for r in checks if r["step"] > 0]
+    base = {k: base[k] for k in ("flip_rate", "accuracy", "margin_diff", "n_pairs")}
+    chosen = choose_setting(base, runs)
+    _log(f"search: lr {chosen['lr']:g}, {chosen['steps']} steps ({chosen['why']})")
+    doc = {"organism": "organism-mid@0", "fold": org["fold"].name, "arm": "all", "seed": 0,
+           "validation_groups": len(validation), "base": base, "checks": runs,
+           "chosen": chosen, "rule": _first_paragraph(choose_setting.__doc__)}
+    write_json(path, doc)
+    return doc
+
+
+def part_main(args, out: Path, chosen: dict) -> list[dict]:
+    """One comparison per organism (and organism seed); returns their summaries."""
+    import mechlora
+    from mechlora.data import load_groups
+
+    rows = []
+    for preset in args.presets:
+        for oseed in args.organism_seeds:
+            org = organism_files(preset, oseed, args.quick)
+            arms = args.arms + (f",{SINGLE}" if preset == "organism-mid" and oseed == 0 else "")
+            test = load_groups(org["fold"].test)[:args.test_groups]
+            loc = localization(org, out / "localization" / f"{preset}-seed{oseed}")
+            _log(f"main: {preset}@{oseed} (k={org['k']}): arms {arms}; seeds {list(args.seeds)}")
+            result = mechlora.compare(str(org["path"]), org["fold"].train, test,
+                                      out=out / "main" / f"{preset}-seed{oseed}", arms=arms,
+                                      seeds=list(args.seeds),
+                                      config=config(chosen["lr"], chosen["steps"]),
+                                      reference="auto", from_localization=loc,
+                                      n_boot=args.n_boot, progress=not args.quick,
+                                      plotlyjs="cdn")
+            rows.append(organism_summary(preset, oseed, org, result.doc))
+            _log(f"main: {preset}@{oseed}: best window {rows[-1]['best']['arm']}, auto "
+                 f"{rows[-1]['auto_layers']}, {result.doc['last_run']}")
+    return rows
+
+
+def part_dose(args, out: Path, chosen: dict) -> list[dict]:
+    """organism-mid, `auto` and `all`, every kl_weight of DOSE."""
+    import mechlora
+    from mechlora.data import load_groups
+
+    org = organism_files("organism-mid", 0, args.quick)
+    test = load_groups(org["fold"].test)[:args.test_groups]
+    loc = localization(org, out / "localization" / "organism-mid-seed0")
+    points = []
+    for kl in args.dose:
+        _log(f"dose: kl_weight {kl:g}")
+        result = mechlora.compare(str(org["path"]), org["fold"].train, test,
+                                  out=out / "dose" / f"kl{kl:g}", arms=DOSE_ARMS,
+                                  seeds=list(args.seeds),
+                                  config=config(chosen["lr"], chosen["steps"], kl_weight=kl),
+                                  reference="auto", from_localization=loc,
+                                  n_boot=args.n_boot, progress=not args.quick, plotlyjs="cdn")
+        for arm, a in result.doc["arms"].items():
+            points.append({"kl_weight": kl, "arm": arm, **_metrics(a["metrics"])})
+        base = _metrics(result.doc["base"]["metrics"])
+    return [{"kl_weight": None, "arm": "base", **base}, *points] if points else []
+
+
+# ---- summaries --------------------------------------------------------------------------------
+
+def _metrics(block: dict) -> dict:
+    return {m: {"mean": block[m]["mean"], "ci": block[m]["ci"],
+                "per_seed": block[m].get("per_seed")} for m in METRICS if m in block}
+
+
+def organism_summary(preset: str, oseed: int, org: dict, doc: dict) -> dict[str, Any]:
+    arms = doc["arms"]
+    base = doc["base"]["metrics"]
+    first = str(doc["seeds"][0])
+
+    def layers(a):
+        return arms[a]["seeds"][first]["layers"]
+
+    windows = {a: {"layers": layers(a), "flip": arms[a]["metrics"][FLIP]["mean"],
+                   "accuracy": arms[a]["metrics"]["accuracy"]["mean"]}
+               for a in arms if arms[a]["single"] == 2}
+    auto_by_seed = {s: r["layers"] for s, r in arms["auto"]["seeds"].items()}
+    ranked = sorted(windows, key=lambda a: windows[a]["flip"])
+    auto_window = next((a for a in windows if windows[a]["layers"] == layers("auto")), None)
+    return {
+        "name": preset, "organism_seed": oseed, "k": org["k"],
+        "window": org["window"], "fold": org["fold"].name,
+        "compare": str(Path("main") / f"{preset}-seed{oseed}" / "compare.json"),
+        "base": _metrics(base), "by_phenomenon_base": doc["base"].get("by_phenomenon"),
+        "auto_layers": layers("auto"), "auto_layers_by_seed": auto_by_seed,
+        "auto_window_rank": ranked.index(auto_window) + 1 if auto_window else None,
+        "n_windows": len(windows), "windows": windows,
+        "best": best_window(windows, base["accuracy"]["mean"]) if windows else None,
+        "arms": {a: {"layers": layers(a), "trainable": arms[a]["seeds"][first]
+                     ["trainable_parameters"], **_metrics(arms[a]["metrics"])}
+                 for a in arms},
+        "auto_vs_matched": matched_test(doc),
+        "spearman": [{"width": s["width"], **{src: {"rho": v["rho"], "ci": v["ci"]}
+                                              for src, v in s["spearman"].items()}}
+                     for s in doc["single"]],
+        "budget": doc["budget"], "seeds": doc["seeds"], "last_run": doc["last_run"],
+    }
+
+
+def _first_paragraph(text: str) -> str:
+    return " ".join(text.split("\n\n")[0].split())
+
+
+def _pct(block: dict | None, signed: bool = False) -> str:
+    if not block or block.get("mean") is None:
+        return "n/a"
+    lo, hi = block["ci"] if block.get("ci") else (None, None)
+    sign = "+" if signed else ""
+    ci = f" [{lo:{sign}.1%}, {hi:{sign}.1%}]" if lo is not None else ""
+    return f"{block['mean']:{sign}.1%}{ci}"
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"Verdict: **{summary['verdict']['verdict']}** ({summary['verdict']['why']}).", ""]
+    if summary.get("search"):
+        c = summary["search"]["chosen"]
+        lines += [f"Settings (validation, organism-mid, `all`): lr {c['lr']:g}, {c['steps']} "
+                  f"steps ({c['why']}).", ""]
+    lines += ["| organism | k | auto (window:2) | auto's rank among the windows | best window | "
+              "best window flip / acc. | base flip / acc. | auto flip / acc. | all flip / acc. | "
+              "all@match=auto flip / acc. | auto - all@match=auto |", "|---" * 11 + "|"]
+    for o in summary["organisms"]:
+        a = o["arms"]
+        t = o["auto_vs_matched"]
+        test = ("n/a" if not t else f"{t['diff_auto_minus_matched']:+.1%} "
+                f"[{t['ci'][0]:+.1%}, {t['ci'][1]:+.1%}] ({t['call']})"
+                if t["ci"][0] is not None else f"{t['diff_auto_minus_matched']:+.1%} (no interval)")
+        b = o["best"]
+
+        lines.append(
+            f"| {o['name']}@{o['organism_seed']} | {o['k']} | "
+            f"{_span(o['auto_layers'])} | {o['auto_window_rank']} of {o['n_windows']} | "
+            f"{_span(b['layers'])} | "
+            f"{b['flip']:.1%} / {b['accuracy']:.1%} | {_pct(o['base'][FLIP])} / "
+            f"{o['base']['accuracy']['mean']:.1%} | {_fa(a, 'auto')} | {_fa(a, 'all')} | "
+            f"{_fa(a, 'all@match=auto')} | {test} |")
+    lines += ["", "Flip rate (mean over seeds) of every width-2 window, per organism:", "",
+              "| organism | " + " | ".join(f"{i}-{i + 1}" for i in range(7)) + " |",
+              "|---" * 8 + "|"]
+    for o in summary["organisms"]:
+        by_start = {w["layers"][0]: w for w in o["windows"].values()}
+        cells = [f"{by_start[i]['flip']:.1%}" + ("*" if by_start[i]["layers"] ==
+                                                 o["best"]["layers"] else "")
+                 if i in by_start else "" for i in range(7)]
+        lines.append(f"| {o['name']}@{o['organism_seed']} | " + " | ".join(cells) + " |")
+    for o in summary["organisms"]:
+        for s in o["spearman"]:
+            lines += ["", f"Spearman, {o['name']}@{o['organism_seed']}, width {s['width']}: "
+                      + "; ".join(f"{src} {v['rho']:+.2f}" +
+                                  (f" [{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}]"
+                                   if v["ci"] and v["ci"][0] is not None else "")
+                                  for src, v in s.items() if src != "width"
+                                  and v["rho"] is not None)]
+    if summary.get("dose"):
+        lines += ["", "KL dose-response (organism-mid@0):", "",
+                  "| kl_weight | arm | flip | accuracy | margin diff |", "|---|---|---|---|---|"]
+        for p in summary["dose"]:
+            kl = "-" if p["kl_weight"] is None else f"{p['kl_weight']:g}"
+            lines.append(f"| {kl} | {p['arm']} | {_pct(p[FLIP])} | {_pct(p['accuracy'])} | "
+                         f"{p['margin_diff']['mean']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fa(arms: dict, name: str) -> str:
+    if name not in arms:
+        return "n/a"
+    return f"{_pct(arms[name][FLIP])} / {arms[name]['accuracy']['mean']:.1%}"
+
+
+def _span(layers: list[int]) -> str:
+    return str(layers[0]) if len(layers) == 1 else (
+        f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1))
+        else "+".join(map(str, layers)))
+
+
+def report(summary: dict, path: Path) -> None:
+    import plotly.graph_objects as go
+
+    from mechlora.report.page import Page
+
+    page = Page("Does localization inform fine-tuning? Planted-depth organisms")
+    page.text(f"Verdict: {summary['verdict']['verdict']}: {summary['verdict']['why']}. "
+              f"Command: {summary['command']}")
+    fig = go.Figure()
+    for o in summary["organisms"]:
+        starts = sorted(w["layers"][0] for w in o["windows"].values())
+        by = {w["layers"][0]: w for w in o["windows"].values()}
+        fig.add_scatter(x=starts, y=[by[s]["flip"] for s in starts], mode="lines+markers",
+                        name=f"{o['name']}@{o['organism_seed']} (k={o['k']})")
+    fig.update_layout(xaxis_title="first layer of the width-2 window",
+                      yaxis_title="held-out flip rate (mean over seeds)", height=420)
+    page.heading("Flip rate of every width-2 window").figure(fig)
+    rows = [[f"{o['name']}@{o['organism_seed']}", o["k"], _span(o["auto_layers"]),
+             _span(o["best"]["layers"]), f"{o['best']['flip']:.1%}",
+             _pct(o["arms"]["auto"][FLIP]), _pct(o["arms"].get("all", {}).get(FLIP)),
+             (o["auto_vs_matched"] or {}).get("call", "n/a")] for o in summary["organisms"]]
+    page.table(["organism", "k", "auto", "best window", "its flip", "auto flip", "all flip",
+                "auto vs all@match=auto"], rows)
+    if summary.get("dose"):
+        fig = go.Figure()
+        for arm in ("auto", "all"):
+            pts = [p for p in summary["dose"] if p["arm"] == arm]
+            fig.add_scatter(x=[p["accuracy"]["mean"] for p in pts],
+                            y=[p[FLIP]["mean"] for p in pts], mode="lines+markers+text",
+                            text=[f"KL {p['kl_weight']:g}" for p in pts],
+                            textposition="top center", name=arm)
+        base = next(p for p in summary["dose"] if p["arm"] == "base")
+        fig.add_scatter(x=[base["accuracy"]["mean"]], y=[base[FLIP]["mean"]], mode="markers",
+                        marker=dict(symbol="x", size=12, color="black"), name="base")
+        fig.update_layout(xaxis_title="held-out accuracy", yaxis_title="held-out flip rate",
+                          height=420)
+        page.heading("KL weight: flip rate vs accuracy (organism-mid)").figure(fig)
+    page.text("Each comparison's own report: main/*/report.html, dose/*/report.html.", note=True)
+    page.write(path)
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+    parser.add_argument("--organism-seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--arms", default=ARMS)
+    parser.add_argument("--dose", nargs="+", type=float, default=list(DOSE))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="working folder (default runs/analyses/localization_vs_editing)")
+    parser.add_argument("--results", default=None,
+                        help="where summary.json and results.md are copied ('' to skip)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true",
+                        help="quick organisms, 2 steps, a few questions: a smoke test")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sizes = (dict(grid=(5e-3,), steps=2, check_every=1, test_groups=6, validation_groups=6,
+                  n_boot=50) if args.quick else
+             dict(grid=GRID["lr"], steps=STEPS, check_every=CHECK_EVERY,
+                  test_groups=TEST_GROUPS, validation_groups=VALIDATION_GROUPS, n_boot=2000))
+    for k, v in sizes.items():
+        setattr(args, k, v)
+    name = "localization_vs_editing" + ("_quick" if args.quick else "")
+    out = args.out or ROOT / "runs" / "analyses" / name
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    search = part_search(args, out)
+    chosen = search["chosen"]
+    organisms = part_main(args, out, chosen) if "main" in args.parts else []
+    dose = part_dose(args, out, chosen) if "dose" in args.parts else []
+    from mechlora.io import atomic_write_text, write_json
+
+    summary = {"schema_version": SCHEMA_VERSION,
+               "kind": "mechlora.analysis.localization_vs_editing",
+               "command": "python analyses/localization_vs_editing.py " + " ".join(
+                   sys.argv[1:] if argv is None else argv),
+               "design": {"arms": args.arms, "single_on": "organism-mid@0", "seeds": args.seeds,
+                          "organism_seeds": args.organism_seeds, "test_groups": args.test_groups,
+                          "recipe": RECIPE, "dose": args.dose, "quick": args.quick},
+               "decision_rule": _first_paragraph(best_window.__doc__) + " " +
+               _first_paragraph(verdict.__doc__), "search": search,
+               "organisms": organisms, "verdict": verdict(organisms), "dose": dose,
+               "seconds_this_call": round(time.perf_counter() - t0, 1)}
+    write_json(out / "summary.json", summary)
+    atomic_write_text(out / "results.md", markdown(summary))
+    report(summary, out / "report.html")
+    results = (Path(args.results) if args.results else None) if args.results is not None else (
+        None if args.quick else HERE / "results" / "localization_vs_editing")
+    if results:
+        results.mkdir(parents=True, exist_ok=True)
+        for f in ("summary.json", "results.md"):
+            shutil.copyfile(out / f, results / f)
+    _log(f"done: {out / 'summary.json'}; verdict {summary['verdict']['verdict']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

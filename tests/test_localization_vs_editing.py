@@ -1,0 +1,90 @@
+"""analyses/localization_vs_editing.py: its rules on planted inputs, and one quick run whose
+summary agrees with the compare.json and localization it was built from."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("localization_vs_editing",
+                                               ROOT / "analyses" / "localization_vs_editing.py")
+lve = importlib.util.module_from_spec(_spec)
+sys.modules["localization_vs_editing"] = lve
+_spec.loader.exec_module(lve)
+
+
+def _windows(flips: list[float], accuracies: list[float] | None = None) -> dict:
+    accuracies = accuracies or [0.9] * len(flips)
+    return {f"{i}-{i + 1}": {"layers": [i, i + 1], "flip": f, "accuracy": a}
+            for i, (f, a) in enumerate(zip(flips, accuracies, strict=True))}
+
+
+def test_best_window_may_not_win_by_losing_accuracy():
+    windows = _windows([0.05, 0.20, 0.10], [0.50, 0.90, 0.90])
+    best = lve.best_window(windows, base_accuracy=0.9)
+    assert best["arm"] == "2-3" and best["n_eligible"] == 2  # 0-1 flips least but lost 40 points
+    assert lve.best_window(windows, base_accuracy=0.54)["arm"] == "0-1"
+    # no window keeps the accuracy: the rule falls back to every window
+    assert lve.best_window(_windows([0.3, 0.1], [0.1, 0.1]), 0.9)["arm"] == "1-2"
+
+
+def _organism(name: str, k: int, start: int) -> dict:
+    return {"name": name, "k": k, "best": {"start": start, "layers": [start, start + 1]}}
+
+
+@pytest.mark.parametrize("organisms,expected", [
+    ([_organism("mid", 4, 5), _organism("late", 6, 6), _organism("full", 0, 3)], "tracks k"),
+    ([_organism("mid", 4, 0), _organism("late", 6, 0), _organism("full", 0, 0)], "early wins"),
+    ([_organism("mid", 4, 4), _organism("late", 6, 0), _organism("full", 0, 0)], "neither"),
+    ([_organism("full", 0, 0)], "undecided"),
+])
+def test_verdict_applies_the_stated_rule(organisms, expected):
+    assert lve.verdict(organisms)["verdict"] == expected
+
+
+def test_choose_setting_keeps_accuracy_then_prefers_fewer_steps():
+    base = {"accuracy": 0.80, "flip_rate": 0.30}
+    checks = [dict(lr=1e-3, steps=40, flip_rate=0.105, accuracy=0.79),
+              dict(lr=1e-3, steps=80, flip_rate=0.100, accuracy=0.80),
+              dict(lr=2e-3, steps=40, flip_rate=0.01, accuracy=0.60)]  # collapses: not eligible
+    assert lve.choose_setting(base, checks)["steps"] == 40
+    assert lve.choose_setting(base, checks)["lr"] == 1e-3
+    lost = [dict(lr=1e-3, steps=40, flip_rate=0.1, accuracy=0.5),
+            dict(lr=2e-3, steps=40, flip_rate=0.2, accuracy=0.6)]
+    assert lve.choose_setting(base, lost)["lr"] == 2e-3
+
+
+def test_quick_run_summarises_its_comparisons(tmp_path):
+    from mechlora.result import LocalizationResult
+    from mechlora.select import select_layers
+
+    args = ["--quick", "--parts", "main", "--presets", "organism-mid", "--seeds", "1", "2",
+            "--arms", "single:2,all,all@match=auto,auto", "--out", str(tmp_path)]
+    summary = lve.main(args)
+    (org,) = summary["organisms"]
+    doc = json.loads((tmp_path / org["compare"]).read_text())
+    assert doc["seeds"] == [1, 2] and doc["budget"]["equal"]
+    # auto trained the window that window:2 picks on the saved localization
+    loc = LocalizationResult.load(tmp_path / "localization" / "organism-mid-seed0")
+    assert org["auto_layers"] == list(select_layers(loc.scores, "window:2").spec.layers)
+    # the best window is recomputed from compare.json's per-seed flip rates
+    flips = {a: sum(v["metrics"][lve.FLIP]["per_seed"]) / 2 for a, v in doc["arms"].items()
+             if v["single"] == 2}
+    assert org["n_windows"] == len(flips) == doc["n_layers"] - 1
+    floor = doc["base"]["metrics"]["accuracy"]["mean"] - lve.ACCURACY_SLACK
+    eligible = {a: f for a, f in flips.items()
+                if doc["arms"][a]["metrics"]["accuracy"]["mean"] >= floor} or flips
+    assert org["best"]["flip"] == pytest.approx(min(eligible.values()))
+    assert org["k"] == 4 and org["auto_vs_matched"]["call"] in (
+        "auto better", "auto worse", "no difference detected")
+    md = (tmp_path / "results.md").read_text()
+    assert "organism-mid@0" in md and summary["verdict"]["verdict"] in md
+    assert "<table>" in (tmp_path / "report.html").read_text()
+    # a rerun trains nothing
+    again = lve.main(args)
+    assert again["organisms"][0]["last_run"]["trained"] == 0
