@@ -19,7 +19,12 @@ Design (fixed before any adapter was trained):
              adapter saw.
   settings   `search`: the `all` arm on organism-mid (organism seed 0, LoRA seed 0) for each
              learning rate of GRID, checked on the validation file every CHECK_EVERY steps;
-             `choose_setting` picks (lr, steps) and every other part uses them.
+             `choose_setting` picks (lr, steps) and every other part uses them. The rule first
+             stated (`first_rule`: lowest flip rate losing at most 2 points of accuracy) chose
+             40 steps at lr 5e-4, which removed 6.7 of 31.7 points of validation flips: too
+             little training for 2-layer windows to differ. It was replaced by the net-gain
+             rule after the validation checks and before any test number was computed; both
+             picks are in search.json.
   arms       every width-2 window (`single:2`), all layers, all layers at the parameter count of
              `auto` (`all@match=auto`), `auto` (localization, window:2) and a random band
              (`randband:2`); on organism-mid also every single layer (`single`), whose flip
@@ -77,22 +82,30 @@ PARTS = ("search", "main", "dose")
 # ---- rules ------------------------------------------------------------------------------------
 
 def choose_setting(base: dict, candidates: list[dict]) -> dict[str, Any]:
-    """The settings rule: among checks whose validation accuracy is at most ACCURACY_DROP
-    below the base model's, the lowest flip rate; rates within FLIP_TIE of it are tied, and a
-    tie goes to the fewest steps, then the lower learning rate. If no check keeps the accuracy,
-    the most accurate one."""
-    floor = base["accuracy"] - ACCURACY_DROP
-    eligible = [c for c in candidates if c["accuracy"] >= floor - 1e-9]
-    if not eligible:
-        best = max(candidates, key=lambda c: (c["accuracy"], -c["flip_rate"], -c["steps"]))
-        return {**best, "why": f"no check kept validation accuracy >= {floor:.3f}: the most "
-                               "accurate"}
-    low = min(c["flip_rate"] for c in eligible)
-    tied = [c for c in eligible if c["flip_rate"] <= low + FLIP_TIE + 1e-12]
+    """The settings rule: the check with the largest net gain on the validation file, the flip
+    rate it removes minus the accuracy it loses (base - check; a gain in accuracy counts 0);
+    gains within FLIP_TIE of the best are tied, and a tie goes to the fewest steps, then the
+    lower learning rate."""
+    def gain(c):
+        return (base["flip_rate"] - c["flip_rate"]) - max(0.0, base["accuracy"] - c["accuracy"])
+
+    top = max(gain(c) for c in candidates)
+    tied = [c for c in candidates if gain(c) >= top - FLIP_TIE - 1e-12]
     best = min(tied, key=lambda c: (c["steps"], c["lr"]))
-    return {**best, "why": f"lowest validation flip rate among {len(eligible)} checks with "
-                           f"accuracy >= {floor:.3f}; {len(tied)} within {FLIP_TIE} of it, the "
-                           "fewest steps"}
+    return {**best, "net_gain": gain(best),
+            "why": f"largest validation net gain (flip removed minus accuracy lost) "
+                   f"{gain(best):+.3f}; {len(tied)} within {FLIP_TIE} of it, the fewest steps"}
+
+
+def first_rule(base: dict, candidates: list[dict]) -> dict[str, Any]:
+    """The rule stated first and replaced (see the module docstring): the lowest validation
+    flip rate among checks that lose at most ACCURACY_DROP accuracy, fewest steps on ties."""
+    eligible = [c for c in candidates if c["accuracy"] >= base["accuracy"] - ACCURACY_DROP - 1e-9]
+    if not eligible:
+        return max(candidates, key=lambda c: c["accuracy"])
+    low = min(c["flip_rate"] for c in eligible)
+    return min((c for c in eligible if c["flip_rate"] <= low + FLIP_TIE + 1e-12),
+               key=lambda c: (c["steps"], c["lr"]))
 
 
 def best_window(windows: dict[str, dict], base_accuracy: float) -> dict[str, Any]:
@@ -209,10 +222,12 @@ def part_search(args, out: Path) -> dict:
                  for r in checks if r["step"] > 0]
     base = {k: base[k] for k in ("flip_rate", "accuracy", "margin_diff", "n_pairs")}
     chosen = choose_setting(base, runs)
+    replaced = first_rule(base, runs)
     _log(f"search: lr {chosen['lr']:g}, {chosen['steps']} steps ({chosen['why']})")
     doc = {"organism": "organism-mid@0", "fold": org["fold"].name, "arm": "all", "seed": 0,
            "validation_groups": len(validation), "base": base, "checks": runs,
-           "chosen": chosen, "rule": _first_paragraph(choose_setting.__doc__)}
+           "chosen": chosen, "rule": _first_paragraph(choose_setting.__doc__),
+           "first_rule": {"rule": _first_paragraph(first_rule.__doc__), "would_choose": replaced}}
     write_json(path, doc)
     return doc
 

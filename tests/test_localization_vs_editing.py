@@ -47,16 +47,19 @@ def test_verdict_applies_the_stated_rule(organisms, expected):
     assert lve.verdict(organisms)["verdict"] == expected
 
 
-def test_choose_setting_keeps_accuracy_then_prefers_fewer_steps():
+def test_choose_setting_weighs_flips_removed_against_accuracy_lost():
     base = {"accuracy": 0.80, "flip_rate": 0.30}
-    checks = [dict(lr=1e-3, steps=40, flip_rate=0.105, accuracy=0.79),
-              dict(lr=1e-3, steps=80, flip_rate=0.100, accuracy=0.80),
-              dict(lr=2e-3, steps=40, flip_rate=0.01, accuracy=0.60)]  # collapses: not eligible
-    assert lve.choose_setting(base, checks)["steps"] == 40
-    assert lve.choose_setting(base, checks)["lr"] == 1e-3
-    lost = [dict(lr=1e-3, steps=40, flip_rate=0.1, accuracy=0.5),
-            dict(lr=2e-3, steps=40, flip_rate=0.2, accuracy=0.6)]
-    assert lve.choose_setting(base, lost)["lr"] == 2e-3
+    checks = [dict(lr=1e-3, steps=40, flip_rate=0.25, accuracy=0.80),   # gain 0.05
+              dict(lr=1e-3, steps=80, flip_rate=0.10, accuracy=0.75),   # gain 0.15
+              dict(lr=2e-3, steps=40, flip_rate=0.00, accuracy=0.55),   # gain 0.05: collapse
+              dict(lr=2e-3, steps=120, flip_rate=0.09, accuracy=0.745)]  # gain 0.155: tied
+    chosen = lve.choose_setting(base, checks)
+    assert (chosen["lr"], chosen["steps"]) == (1e-3, 80)  # the tie goes to fewer steps
+    assert chosen["net_gain"] == pytest.approx(0.15)
+    # an accuracy gain is not credited: flips alone decide between these two
+    assert lve.choose_setting(base, [dict(lr=1, steps=1, flip_rate=0.2, accuracy=0.99),
+                                     dict(lr=2, steps=1, flip_rate=0.1, accuracy=0.8)])["lr"] == 2
+    assert lve.first_rule(base, checks)["steps"] == 40
 
 
 def test_quick_run_summarises_its_comparisons(tmp_path):
