@@ -25,13 +25,18 @@ Design (fixed before any adapter was trained):
              little training for 2-layer windows to differ. It was replaced by the net-gain
              rule after the validation checks and before any test number was computed; both
              picks are in search.json.
-  arms       every width-2 window (`single:2`), all layers, all layers at the parameter count of
-             `auto` (`all@match=auto`), `auto` (localization, window:2) and a random band
-             (`randband:2`); on organism-mid also every single layer (`single`), whose flip
-             reductions give the Spearman test of each selector's scores. SEEDS LoRA seeds,
-             the same budget for every arm (compare.json `budget`).
-  dose       organism-mid, `auto` and `all`, kl_weight in DOSE, SEEDS seeds: a flip-vs-accuracy
-             front.
+  arms       organism-mid: every width-2 window (`single:2`), all layers, all layers at the
+             parameter count of `auto` (`all@match=auto`), `auto` (localization, window:2) and
+             a random band (`randband:2`), SEEDS LoRA seeds; the other organisms: ARMS_OTHER,
+             SEEDS_OTHER seeds. The same budget for every arm (compare.json `budget`). The
+             windows' flip reductions give the Spearman test of each selector's scores (width
+             2); `--single` adds every single layer on organism-mid (width 1).
+  dose       organism-mid, `auto` and `all`, kl_weight 0 (CE only: the control) and 4 beside
+             the main comparison's 1, SEEDS seeds: a flip-vs-accuracy front.
+  cut        The full design (every organism with all arms, single layers and 3 seeds, five KL
+             weights, three organism seeds) is about 300 trainings; on the shared 2-core
+             machine one training and its evaluation took 40-80 s, so the defaults above were
+             cut to fit about two hours. Organism seeds 1-2 are not compared.
 
 Decision rule (stated before running; `verdict` applies it):
   For each organism the best window is the width-2 window with the lowest mean held-out flip
@@ -62,9 +67,10 @@ ROOT = HERE.parent
 SCHEMA_VERSION = 1
 PRESETS = ("organism-mid", "organism-full", "organism-late", "organism-early", "organism-w3")
 ARMS = "single:2,all,all@match=auto,auto,randband:2"
-SINGLE = "single"  # added on organism-mid: the single-layer (Hase et al.) test
-SEEDS = (1, 2, 3)
-DOSE = (0.0, 0.5, 1.0, 2.0, 4.0)
+ARMS_OTHER = "single:2,all,auto"  # the other organisms (the compute budget, see above)
+SINGLE = "single"  # --single: every single layer on organism-mid@0 too
+SEEDS, SEEDS_OTHER = (1, 2, 3), (1, 2)
+DOSE = (0.0, 4.0)  # and RECIPE's kl_weight 1, read from the main comparison of organism-mid
 DOSE_ARMS = "auto,all"
 GRID = dict(lr=(5e-4, 2e-3))
 STEPS, CHECK_EVERY = 120, 40
@@ -241,13 +247,16 @@ def part_main(args, out: Path, chosen: dict) -> list[dict]:
     for preset in args.presets:
         for oseed in args.organism_seeds:
             org = organism_files(preset, oseed, args.quick)
-            arms = args.arms + (f",{SINGLE}" if preset == "organism-mid" and oseed == 0 else "")
+            mid = preset == "organism-mid" and oseed == 0
+            arms = args.arms or (ARMS if mid else ARMS_OTHER)
+            arms += f",{SINGLE}" if mid and args.single else ""
+            seeds = args.seeds or (SEEDS if mid else SEEDS_OTHER)
             test = load_groups(org["fold"].test)[:args.test_groups]
             loc = localization(org, out / "localization" / f"{preset}-seed{oseed}")
-            _log(f"main: {preset}@{oseed} (k={org['k']}): arms {arms}; seeds {list(args.seeds)}")
+            _log(f"main: {preset}@{oseed} (k={org['k']}): arms {arms}; seeds {list(seeds)}")
             result = mechlora.compare(str(org["path"]), org["fold"].train, test,
                                       out=out / "main" / f"{preset}-seed{oseed}", arms=arms,
-                                      seeds=list(args.seeds),
+                                      seeds=list(seeds),
                                       config=config(chosen["lr"], chosen["steps"]),
                                       reference="auto", from_localization=loc,
                                       n_boot=args.n_boot, progress=not args.quick,
@@ -259,7 +268,8 @@ def part_main(args, out: Path, chosen: dict) -> list[dict]:
 
 
 def part_dose(args, out: Path, chosen: dict) -> list[dict]:
-    """organism-mid, `auto` and `all`, every kl_weight of DOSE."""
+    """organism-mid, `auto` and `all`, every kl_weight of --dose; RECIPE's own weight is read
+    from the main comparison of organism-mid when it is there."""
     import mechlora
     from mechlora.data import load_groups
 
@@ -271,13 +281,22 @@ def part_dose(args, out: Path, chosen: dict) -> list[dict]:
         _log(f"dose: kl_weight {kl:g}")
         result = mechlora.compare(str(org["path"]), org["fold"].train, test,
                                   out=out / "dose" / f"kl{kl:g}", arms=DOSE_ARMS,
-                                  seeds=list(args.seeds),
+                                  seeds=list(args.seeds or SEEDS),
                                   config=config(chosen["lr"], chosen["steps"], kl_weight=kl),
                                   reference="auto", from_localization=loc,
                                   n_boot=args.n_boot, progress=not args.quick, plotlyjs="cdn")
         for arm, a in result.doc["arms"].items():
             points.append({"kl_weight": kl, "arm": arm, **_metrics(a["metrics"])})
         base = _metrics(result.doc["base"]["metrics"])
+    main = out / "main" / "organism-mid-seed0" / "compare.json"
+    if points and main.is_file():
+        from mechlora.io import read_json
+
+        doc = read_json(main)
+        points += [{"kl_weight": RECIPE["kl_weight"], "arm": arm,
+                    **_metrics(doc["arms"][arm]["metrics"])}
+                   for arm in DOSE_ARMS.split(",") if arm in doc["arms"]]
+        points.sort(key=lambda p: (p["arm"], p["kl_weight"]))
     return [{"kl_weight": None, "arm": "base", **base}, *points] if points else []
 
 
@@ -446,8 +465,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
     parser.add_argument("--organism-seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--arms", default=ARMS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="LoRA seeds (default: 1 2 3 on organism-mid, 1 2 elsewhere)")
+    parser.add_argument("--arms", default=None, help="arms for every organism (default: see "
+                        "the docstring)")
+    parser.add_argument("--single", action="store_true",
+                        help="also every single layer on organism-mid@0")
     parser.add_argument("--dose", nargs="+", type=float, default=list(DOSE))
     parser.add_argument("--out", type=Path, default=None,
                         help="working folder (default runs/analyses/localization_vs_editing)")
@@ -480,7 +503,9 @@ def main(argv: list[str] | None = None) -> dict:
                "kind": "mechlora.analysis.localization_vs_editing",
                "command": "python analyses/localization_vs_editing.py " + " ".join(
                    sys.argv[1:] if argv is None else argv),
-               "design": {"arms": args.arms, "single_on": "organism-mid@0", "seeds": args.seeds,
+               "design": {"arms": args.arms or {"organism-mid@0": ARMS, "other": ARMS_OTHER},
+                          "single": args.single,
+                          "seeds": args.seeds or {"organism-mid@0": SEEDS, "other": SEEDS_OTHER},
                           "organism_seeds": args.organism_seeds, "test_groups": args.test_groups,
                           "recipe": RECIPE, "dose": args.dose, "quick": args.quick},
                "decision_rule": _first_paragraph(best_window.__doc__) + " " +
