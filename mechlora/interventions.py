@@ -18,13 +18,31 @@ from mechlora.errors import MechloraError
 from mechlora.spec import LayerSpec
 
 AUTO = "auto"
+NONE = "none"
+
+
+def asked_specs(specs: Sequence[str | LayerSpec] | str | None) -> list[str | LayerSpec]:
+    """The specs to test: `none` alone means none; `none` beside another spec is refused
+    (needs no model, so the CLI calls it before loading one)."""
+    if isinstance(specs, (str, LayerSpec)):
+        specs = [specs]
+    specs = list(specs or ())
+    words = [s.strip().lower() for s in specs if isinstance(s, str)]
+    if NONE in words:
+        if len(specs) > 1:
+            others = ", ".join(str(s) for s in specs if not (isinstance(s, str)
+                                                             and s.strip().lower() == NONE))
+            raise MechloraError(f"--spec none turns the spec test off, so it cannot come with "
+                                f"other specs ({others}); drop none or the others")
+        return []
+    return specs
 
 
 def parse_specs(specs: Sequence[str | LayerSpec] | str, n_layers: int
                 ) -> tuple[list[tuple[LayerSpec, str]], bool]:
-    """Explicit specs with their labels ("all" or "explicit"), and whether "auto" was asked."""
-    if isinstance(specs, (str, LayerSpec)):
-        specs = [specs]
+    """Explicit specs with their labels ("all" or "explicit"), and whether "auto" was asked
+    (`none` alone: no spec; beside others: refused, see `asked_specs`)."""
+    specs = asked_specs(specs)
     explicit, auto = [], False
     for item in specs:
         if isinstance(item, LayerSpec):

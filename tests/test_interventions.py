@@ -8,7 +8,7 @@ from mechlora import stats
 from mechlora.breakdown import direction_notes
 from mechlora.effects import ORIGINAL_TO_PARAPHRASE, PARAPHRASE_TO_ORIGINAL
 from mechlora.errors import MechloraError
-from mechlora.interventions import spec_effect
+from mechlora.interventions import parse_specs, spec_effect
 from mechlora.localize import localize
 from mechlora.patching import RUNNERS
 from tests.planted import (
@@ -162,3 +162,6 @@ def test_spec_options_are_checked(tiny_text):
     with pytest.raises(MechloraError, match="no sites to patch"):
         localize(tiny_text, planted_groups(), components=[], **KW)
     assert set(RUNNERS) >= {"full", "batched", "cached"}
+    assert parse_specs(["none"], 6) == ([], False) and parse_specs(" None ", 6) == ([], False)
+    with pytest.raises(MechloraError, match=r"cannot come with other specs \(2-3\)"):
+        parse_specs(["none", "2-3"], 6)

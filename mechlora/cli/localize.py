@@ -116,8 +116,9 @@ def localize(
     from mechlora.sites import components as parse_sites
 
     per_layer, _ = parse_sites(sites)  # a bad site name fails now, before loading the model
-    spec = spec or (["auto"] if per_layer else [])
-    specs = [] if [x.strip().lower() for x in spec] == ["none"] else spec
+    from mechlora.interventions import asked_specs
+
+    specs = asked_specs(spec or (["auto"] if per_layer else []))  # before the model loads
     if by is not None and by not in ("type", "phenomenon"):
         raise MechloraError(f"--by {by}: use type or phenomenon")
     out_dir = (prepare_out_dir(out, overwrite, inputs=reads) if main_process
