@@ -315,3 +315,44 @@ def test_spearman_finds_a_planted_order_and_its_reverse() -> None:
     assert up["rho"] == pytest.approx(1.0) and up["ci"][0] > 0.8
     assert down["rho"] == pytest.approx(-1.0) and down["ci"][1] < -0.8
     assert np.isnan(spearman(np.ones(4), np.arange(4)))
+
+
+def test_spearman_interval_is_undefined_below_the_minimum_of_questions() -> None:
+    from mechlora import stats
+
+    effects = np.linspace(0.05, 0.45, 4)
+    for n_q in (stats.MIN_CLUSTERS - 1, stats.MIN_CLUSTERS):
+        base = _table(np.full((1, n_q), 0.6))
+        windows = {str(w): ([w], _table(np.full((3, n_q), 0.6 - e), seed=w))
+                   for w, e in enumerate(effects)}
+        r = single_layer_test(base, windows, {"up": Scores("up", effects)}, n_boot=200,
+                              level=0.95, seed=0)
+        assert r["n_questions"] == n_q and np.isfinite(r["spearman"]["up"]["rho"])
+        assert np.isnan(r["spearman"]["up"]["ci"]).all() == (n_q < stats.MIN_CLUSTERS)
+
+
+def test_the_single_layer_replicates_are_the_packages_one_bootstrap() -> None:
+    """Each column of the joint replicates (every window and the base, one draw shared) is
+    exactly the replicate set `stats.crossed_bootstrap` draws for that column alone: the
+    percentile interval of the pooled rate agrees up to rounding."""
+    from mechlora import stats
+    from mechlora.compare.summary import _replicate_reductions
+
+    rng = np.random.default_rng(3)
+    base = _table(np.full((1, 6), 0.5), seed=1).rows([0, 1, 2])
+    windows = [_table(rng.uniform(0.2, 0.8, (3, 6)), seed=s) for s in (4, 5)]
+    metric = "original_flip_rate"
+    sums = np.stack([t.sums[metric] for t in (*windows, base)], -1)
+    counts = np.stack([t.counts[metric] for t in (*windows, base)], -1)
+    reps = stats.crossed_replicates(sums, counts, n_boot=300, seed=7)
+    for k, t in enumerate(windows):
+        alone = stats.crossed_bootstrap(t.values(metric), weights=t.counts[metric], n_boot=300,
+                                        seed=7)
+        np.testing.assert_allclose(np.quantile(reps[:, k], [0.025, 0.975]), alone.ci,
+                                   rtol=1e-12)
+    # the base column, repeated over seeds, is its question-resampled rate: the same as one row
+    one_row = stats.crossed_replicates(sums[:1, :, -1:], counts[:1, :, -1:], n_boot=300, seed=7)
+    np.testing.assert_allclose(reps[:, -1], one_row[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(_replicate_reductions(base, windows, metric, n_boot=300, seed=7),
+                               reps[:, -1:] - reps[:, :-1])
+
