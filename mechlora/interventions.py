@@ -3,9 +3,11 @@
 `localize(..., specs=["15-19", "all", "auto"])` patches, for each spec S and kept pair
 (a, b), every attn and mlp output of S's layers at once (mechlora/effects.py has the
 formulas): a's into b's run (sufficiency, denoising) and b's into a's run (necessity,
-noising). `auto` is the spec `rule` selects from the same run's scores: it is known only
-after the per-layer sweep, so it runs as a second pass over the kept pairs (one more clean
-forward per prompt plus two rows per pair). `spec_effect` is the one-spec function.
+noising); and every attn and mlp output outside S at once, a's into b's run
+(necessity_complement = 1 - its restoration). `auto` is the spec `rule` selects from the
+same run's scores: it is known only after the per-layer sweep, so it runs as a second pass
+over the kept pairs (one more clean forward per prompt plus three rows per pair).
+`spec_effect` is the one-spec function.
 """
 
 from __future__ import annotations
@@ -109,9 +111,9 @@ def spec_effect(subject, pairs, spec: str | LayerSpec, *, rule: str = "window:5"
                 positions: str = "last", engine: str = "auto", min_delta: float = 0.25,
                 only_flips: bool = False, adapter: str | Path | None = None,
                 progress: bool = True, **kw) -> SpecEffect:
-    """Sufficiency and necessity of `spec` ("15-19", "all", or "auto": what `rule` selects
-    from a localization run first) on `pairs`: per-pair values, means and intervals
-    (`SpecEffect.stat`, `.summary()`, `.text()`)."""
+    """Sufficiency and necessity (noising, and as the complement) of `spec` ("15-19", "all",
+    or "auto": what `rule` selects from a localization run first) on `pairs`: per-pair
+    values, means and intervals (`SpecEffect.stat`, `.summary()`, `.text()`)."""
     from mechlora.localize import localize
 
     auto = isinstance(spec, str) and spec.strip().lower() == AUTO

@@ -31,7 +31,8 @@ def localize(
         "suffix:K (or image) alone: a position x layer heatmap."),
     spec: list[str] = typer.Option(
         None, "--spec", help="Layer specs whose attn+mlp outputs are patched all at once, "
-        "for sufficiency (denoising) and necessity (noising): auto (what --rule selects; the "
+        "for sufficiency (denoising) and necessity (noising; and as 1 - what every layer "
+        "outside the spec restores): auto (what --rule selects; the "
         "default when --sites has resid, attn or mlp), all, or e.g. 15-19; repeat the option "
         "for several, 'none' for no test."),
     by: str = typer.Option(None, "--by", help="type | phenomenon: scores, intervals and a "
