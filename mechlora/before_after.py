@@ -32,6 +32,8 @@ from mechlora.models.subject import Subject
 from mechlora.result import LocalizationResult, _finite
 
 SHRINK_BY_MEANS = 0.1  # without intervals (< MIN_CLUSTERS groups): a drop of 10% of the gap
+MIN_SHRINK = 0.01  # with intervals, a drop must also average 1% of the base gap: float noise
+# of a few 1e-7 (same weights through another kernel, a zero adapter) can lie wholly above 0
 
 
 @contextmanager
@@ -102,11 +104,13 @@ class LocalizationComparison:
         return self._stat((self.adapted.margin_a - self.adapted.margin_b) / self.adapted.gap)
 
     def shrank_at(self) -> tuple[list[int], str]:
-        """The layers whose score dropped: interval above 0, or (with too few question groups
-        for intervals) a mean drop above SHRINK_BY_MEANS; and which test was used."""
+        """The layers whose score dropped: interval above 0 and a mean drop above MIN_SHRINK
+        of the base gap, or (with too few question groups for intervals) a mean drop above
+        SHRINK_BY_MEANS; and which test was used."""
         drop = self.score_shrink()
         if np.isfinite(drop["ci_low"]).all():
-            return [int(i) for i in np.flatnonzero(drop["ci_low"] > 0)], "interval"
+            return [int(i) for i in np.flatnonzero((drop["ci_low"] > 0)
+                                                   & (drop["mean"] > MIN_SHRINK))], "interval"
         return [int(i) for i in np.flatnonzero(drop["mean"] > SHRINK_BY_MEANS)], "means"
 
     def verdict(self) -> str:
@@ -115,7 +119,8 @@ class LocalizationComparison:
         share = f"{_pct(left['mean'])} of the base divergence remains"
         if np.isfinite(left["ci_low"]):
             share += f" (95% CI {_pct(left['ci_low'])} to {_pct(left['ci_high'])})"
-        how = ("score drops whose 95% interval lies above 0" if test == "interval" else
+        how = (f"score drops whose 95% interval lies above 0 and whose mean exceeds "
+               f"{MIN_SHRINK:g} of the gap" if test == "interval" else
                f"mean score drops above {SHRINK_BY_MEANS:g} of the gap (fewer than "
                f"{stats.MIN_CLUSTERS} question groups: no intervals)")
         if not layers:

@@ -9,8 +9,16 @@ the divergence?"):
                                                               layer of S
     necessity    n = (m(a) - m(a <- b@S)) / (m(a) - m(b))    noising S: a runs with b's
 
+    necessity_complement  1 - (m(b <- a@~S) - m(b)) / (m(a) - m(b))   denoising every attn and
+                                                              mlp output outside S at once:
+                                                              what the rest cannot restore
+
 (Zhang & Nanda 2024; Heimersheim & Nanda 2024: denoising a set of sites tests whether it is
-sufficient to carry a's answer, noising it whether a's answer needs it.) Patched sites are
+sufficient to carry a's answer, noising it whether a's answer needs it.) Over a pair set
+holding both directions, noising S equals denoising S on the reversed pairs, so the pooled
+necessity equals the sufficiency; the complement form asks instead whether everything but S
+can carry the answer without it (1: only through S; for S = all the complement is empty, so
+it is 1 by definition). Patched sites are
 written at the run's aligned positions; everything downstream is recomputed. Intervals are
 the cluster bootstrap over question groups, as for every localization number.
 """
@@ -28,6 +36,7 @@ ORIGINAL_TO_PARAPHRASE = "original>paraphrase"   # donor: the original question 
 PARAPHRASE_TO_ORIGINAL = "paraphrase>original"   # recipient: the original question (noising)
 BETWEEN_PARAPHRASES = "paraphrase>paraphrase"
 DIRECTIONS = (ORIGINAL_TO_PARAPHRASE, PARAPHRASE_TO_ORIGINAL, BETWEEN_PARAPHRASES)
+WHICH = ("sufficiency", "necessity", "necessity_complement")  # what a spec test reports
 
 
 def direction_of(a: int, b: int) -> str:
@@ -74,10 +83,18 @@ class SpecEffect:
     components: tuple[str, ...] = ("attn", "mlp")
     n_boot: int = 1000
     covered: float | None = field(default=None)  # the spec's share of the positive score
+    complement: np.ndarray | None = None  # [n_pairs] r of denoising every layer outside S
 
     def __post_init__(self) -> None:
         self.sufficiency = np.asarray(self.sufficiency, dtype=float)
         self.necessity = np.asarray(self.necessity, dtype=float)
+        if self.complement is not None:
+            self.complement = np.asarray(self.complement, dtype=float)
+
+    @property
+    def necessity_complement(self) -> np.ndarray | None:
+        """Per pair, 1 - r(complement): the share the rest of the model cannot restore."""
+        return None if self.complement is None else 1.0 - self.complement
 
     @property
     def n_pairs(self) -> int:
@@ -96,40 +113,50 @@ class SpecEffect:
         return SpecEffect(self.spec, self.layers, self.label, [self.pair_ids[i] for i in idx],
                           [self.group_ids[i] for i in idx], [self.directions[i] for i in idx],
                           self.sufficiency[idx], self.necessity[idx], self.components,
-                          self.n_boot, self.covered)
+                          self.n_boot, self.covered,
+                          None if self.complement is None else self.complement[idx])
 
-    def stat(self, which: str, direction: str | None = None) -> dict:
-        """`which` ("sufficiency" or "necessity"): mean and interval, optionally of one
-        direction's pairs."""
+    def stat(self, which: str, direction: str | None = None) -> dict | None:
+        """`which` ("sufficiency", "necessity" or "necessity_complement"): mean and interval,
+        optionally of one direction's pairs (None for a complement that was not measured)."""
         part = self.where(direction)
-        return mean_ci(part.group_ids, getattr(part, which), self.n_boot)
+        values = getattr(part, which)
+        return None if values is None else mean_ci(part.group_ids, values, self.n_boot)
 
     def summary(self) -> dict:
         """The JSON entry: means and intervals over all pairs and per direction."""
         out = {"spec": self.spec, "layers": list(self.layers), "label": self.label,
                "components": list(self.components), "covered": self.covered,
                "n_pairs": self.n_pairs, "n_groups": len(set(self.group_ids))}
-        for which in ("sufficiency", "necessity"):
+        for which in WHICH:
             out[which] = self.stat(which)
         out["by_direction"] = {
-            d: {"n_pairs": part.n_pairs, "sufficiency": part.stat("sufficiency"),
-                "necessity": part.stat("necessity")}
+            d: {"n_pairs": part.n_pairs, **{w: part.stat(w) for w in WHICH}}
             for d in DIRECTIONS if (part := self.where(d)).n_pairs}
         return out
 
     def text(self) -> str:
         """One line per direction present, for the terminal."""
+        def num(x: float) -> str:
+            return f"{0.0 if abs(x) < 0.005 else x:.2f}"  # never "-0.00"
+
         def fmt(s: dict) -> str:
-            ci = "" if not np.isfinite(s["ci_low"]) else f" [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
-            return f"{s['mean']:.2f}{ci}"
+            ci = "" if not np.isfinite(s["ci_low"]) else f" [{num(s['ci_low'])}, " \
+                f"{num(s['ci_high'])}]"
+            return f"{num(s['mean'])}{ci}"
+
+        def both(part: SpecEffect) -> str:
+            text = (f"sufficiency {fmt(part.stat('sufficiency'))}, necessity "
+                    f"{fmt(part.stat('necessity'))}")
+            if part.complement is not None:
+                text += f", necessity (complement) {fmt(part.stat('necessity_complement'))}"
+            return text
 
         cover = "" if self.covered is None else f"; covers {self.covered:.0%} of the score"
-        lines = [f"spec {self.spec} ({self.label}{cover}): sufficiency "
-                 f"{fmt(self.stat('sufficiency'))}, necessity {fmt(self.stat('necessity'))} "
-                 f"over {self.n_pairs} pairs"]
+        lines = [f"spec {self.spec} ({self.label}{cover}): {both(self)} over {self.n_pairs} "
+                 "pairs"]
         for d in DIRECTIONS:
             part = self.where(d)
             if part.n_pairs and part.n_pairs < self.n_pairs:
-                lines.append(f"  {d}: sufficiency {fmt(part.stat('sufficiency'))}, necessity "
-                             f"{fmt(part.stat('necessity'))} ({part.n_pairs} pairs)")
+                lines.append(f"  {d}: {both(part)} ({part.n_pairs} pairs)")
         return "\n".join(lines)

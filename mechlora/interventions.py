@@ -3,9 +3,11 @@
 `localize(..., specs=["15-19", "all", "auto"])` patches, for each spec S and kept pair
 (a, b), every attn and mlp output of S's layers at once (mechlora/effects.py has the
 formulas): a's into b's run (sufficiency, denoising) and b's into a's run (necessity,
-noising). `auto` is the spec `rule` selects from the same run's scores: it is known only
-after the per-layer sweep, so it runs as a second pass over the kept pairs (one more clean
-forward per prompt plus two rows per pair). `spec_effect` is the one-spec function.
+noising); and every attn and mlp output outside S at once, a's into b's run
+(necessity_complement = 1 - its restoration). `auto` is the spec `rule` selects from the
+same run's scores: it is known only after the per-layer sweep, so it runs as a second pass
+over the kept pairs (one more clean forward per prompt plus three rows per pair).
+`spec_effect` is the one-spec function.
 """
 
 from __future__ import annotations
@@ -18,13 +20,31 @@ from mechlora.errors import MechloraError
 from mechlora.spec import LayerSpec
 
 AUTO = "auto"
+NONE = "none"
+
+
+def asked_specs(specs: Sequence[str | LayerSpec] | str | None) -> list[str | LayerSpec]:
+    """The specs to test: `none` alone means none; `none` beside another spec is refused
+    (needs no model, so the CLI calls it before loading one)."""
+    if isinstance(specs, (str, LayerSpec)):
+        specs = [specs]
+    specs = list(specs or ())
+    words = [s.strip().lower() for s in specs if isinstance(s, str)]
+    if NONE in words:
+        if len(specs) > 1:
+            others = ", ".join(str(s) for s in specs if not (isinstance(s, str)
+                                                             and s.strip().lower() == NONE))
+            raise MechloraError(f"--spec none turns the spec test off, so it cannot come with "
+                                f"other specs ({others}); drop none or the others")
+        return []
+    return specs
 
 
 def parse_specs(specs: Sequence[str | LayerSpec] | str, n_layers: int
                 ) -> tuple[list[tuple[LayerSpec, str]], bool]:
-    """Explicit specs with their labels ("all" or "explicit"), and whether "auto" was asked."""
-    if isinstance(specs, (str, LayerSpec)):
-        specs = [specs]
+    """Explicit specs with their labels ("all" or "explicit"), and whether "auto" was asked
+    (`none` alone: no spec; beside others: refused, see `asked_specs`)."""
+    specs = asked_specs(specs)
     explicit, auto = [], False
     for item in specs:
         if isinstance(item, LayerSpec):
@@ -91,9 +111,9 @@ def spec_effect(subject, pairs, spec: str | LayerSpec, *, rule: str = "window:5"
                 positions: str = "last", engine: str = "auto", min_delta: float = 0.25,
                 only_flips: bool = False, adapter: str | Path | None = None,
                 progress: bool = True, **kw) -> SpecEffect:
-    """Sufficiency and necessity of `spec` ("15-19", "all", or "auto": what `rule` selects
-    from a localization run first) on `pairs`: per-pair values, means and intervals
-    (`SpecEffect.stat`, `.summary()`, `.text()`)."""
+    """Sufficiency and necessity (noising, and as the complement) of `spec` ("15-19", "all",
+    or "auto": what `rule` selects from a localization run first) on `pairs`: per-pair
+    values, means and intervals (`SpecEffect.stat`, `.summary()`, `.text()`)."""
     from mechlora.localize import localize
 
     auto = isinstance(spec, str) and spec.strip().lower() == AUTO

@@ -212,6 +212,8 @@ class LocalizationResult:
         for i, effect in enumerate(self.specs):
             arrays[f"spec.{i}.sufficiency"] = effect.sufficiency
             arrays[f"spec.{i}.necessity"] = effect.necessity
+            if effect.complement is not None:
+                arrays[f"spec.{i}.complement"] = effect.complement
         if self.gap is not None:
             arrays["gap"] = self.gap
         save_arrays(out / "arrays.safetensors",
@@ -237,7 +239,8 @@ class LocalizationResult:
         directions = [p.get("direction") or direction_of_id(p["id"]) for p in pairs]
         specs = [SpecEffect(e["spec"], tuple(e["layers"]), e["label"], ids, groups, directions,
                             arrays[f"spec.{i}.sufficiency"], arrays[f"spec.{i}.necessity"],
-                            tuple(e["components"]), n_boot, e.get("covered"))
+                            tuple(e["components"]), n_boot, e.get("covered"),
+                            arrays.get(f"spec.{i}.complement"))
                  for i, e in enumerate(doc.get("specs", []))]
         return cls(
             model=doc["model"], n_layers=doc["n_layers"], components=tuple(doc["components"]),
@@ -294,7 +297,9 @@ def merge_results(parts: list[LocalizationResult], order: list[str]) -> Localiza
     directions = [parts[k].directions[i] for _, k, i in rows]
     specs = [dataclasses.replace(s, pair_ids=ids, group_ids=groups, directions=directions,
                                  sufficiency=take(lambda p, j=j: p.specs[j].sufficiency),
-                                 necessity=take(lambda p, j=j: p.specs[j].necessity))
+                                 necessity=take(lambda p, j=j: p.specs[j].necessity),
+                                 complement=None if s.complement is None else
+                                 take(lambda p, j=j: p.specs[j].complement))
              for j, s in enumerate(first.specs)]
     engines = {e for part in parts for e in part.engine.split("+")}
     settings = {**first.settings, "n_pairs_in": len(order), "processes": len(parts),

@@ -3,7 +3,8 @@
 Conventions: `level` is the two-sided confidence level; p-values are two-sided; an undefined
 quantity (no data, or too few clusters for an interval) is `nan`, never an exception, so a
 report can say "n = 0" instead of crashing. Every bootstrap in mechlora is the one cluster
-bootstrap here (`bootstrap_ci` over questions, `crossed_bootstrap` over seeds x questions).
+bootstrap here (`bootstrap_ci` over questions, `crossed_bootstrap` over seeds x questions, and
+its replicates shared by several columns, `crossed_replicates`).
 Formulas and when to use which: docs/metrics.md.
 """
 
@@ -27,6 +28,7 @@ __all__ = [
     "auroc_ci",
     "bootstrap_ci",
     "crossed_bootstrap",
+    "crossed_replicates",
     "mcnemar",
     "mcnemar_paired",
     "normal_two_sided_p",
@@ -362,6 +364,25 @@ def crossed_bootstrap(values: np.ndarray, *, weights: np.ndarray | None = None,
     p = min(1.0, 2 * min(below, above) / (1 + reps.size))
     return CrossedBootstrapResult(estimate, (float(lo[0]), float(hi[0])), float(p), per_seed,
                                   n_seeds, n_questions)
+
+
+def crossed_replicates(sums: np.ndarray, counts: np.ndarray, *, n_boot: int = 2000,
+                       seed: int = 0) -> np.ndarray:
+    """[n_boot, K] seed x question bootstrap replicates of the pooled ratios
+    sum(sums[..., k]) / sum(counts[..., k]) of a [n_seeds, n_questions, K] table.
+
+    The resampling of `crossed_bootstrap`, shared by the K columns: each replicate draws the
+    questions and, independently, the seeds once for all of them, so statistics that combine
+    columns (differences, a rank correlation over windows) keep their dependence. A column
+    constant over seeds (an untrained base) gives its question-resampled ratio. nan where a
+    replicate draws no count.
+    """
+    _check_boot(n_boot, 0.95)
+    sums, counts = np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)
+    if sums.ndim != 3 or sums.shape != counts.shape:
+        raise ValueError(f"sums and counts must be [n_seeds, n_questions, K] alike, got "
+                         f"{sums.shape} and {counts.shape}")
+    return _replicate_ratios(sums, counts, n_boot=n_boot, seed=seed, resample_rows=True)
 
 
 def seed_rate(values: np.ndarray, *, weights: np.ndarray | None = None, n_boot: int = 2000,

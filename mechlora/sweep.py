@@ -5,8 +5,9 @@ recipient b runs one engine call over all of its rows:
 
 - for each donor a of a kept pair (a, b): one row per per-layer site (components x layers),
   one per attention head (`heads`), one per site and single aligned position
-  (`per_position`), and one per layer spec (all of its attn and mlp outputs at once:
-  sufficiency, denoising);
+  (`per_position`), and two per layer spec S: all of S's attn and mlp outputs at once
+  (sufficiency, denoising), and all of those outside S at once (the complement: what the
+  rest restores without S; none for an S of every layer);
 - for each kept pair (b, x) it is the donor of, one row per layer spec with x's values
   (necessity, noising: b's own answer with the spec taken from x).
 
@@ -52,12 +53,23 @@ class Plan:
     def record(self, n_layers: int) -> list[Site]:
         need = list(self.sites) + list(self.position_sites)
         need += [Site(layer, HEADS) for layer in range(n_layers)] if self.heads else []
-        need += [s for spec, _ in self.specs for s in spec_sites(spec)]
+        need += [s for spec, _ in self.specs for s in spec_sites(spec) + complement_sites(spec)]
         return list(dict.fromkeys(need))
+
+    def complemented(self) -> list[int]:
+        """The indices of the specs whose complement is not empty (they get a row)."""
+        return [i for i, (spec, _) in enumerate(self.specs) if complement_sites(spec)]
 
 
 def spec_sites(spec: LayerSpec) -> list[Site]:
     return [Site(layer, c) for layer in spec.layers for c in SPEC_COMPONENTS]
+
+
+def complement_sites(spec: LayerSpec) -> list[Site]:
+    """The attn and mlp outputs of every layer outside `spec`."""
+    inside = set(spec.layers)
+    return [Site(layer, c) for layer in range(spec.n_layers) if layer not in inside
+            for c in SPEC_COMPONENTS]
 
 
 class Rows:
@@ -83,11 +95,14 @@ def donor_rows(subject: Subject, plan: Plan, a: CleanRun, b: CleanRun) -> dict[s
         out["positions"] = [SitePatch(s, pos[j:j + 1], a.values[s][j:j + 1])
                             for s in plan.position_sites for j in range(len(pos))]
     out["specs"] = [spec_row(spec, a, b) for spec, _ in plan.specs]
+    out["complement"] = [spec_row(plan.specs[i][0], a, b, complement_sites)
+                         for i in plan.complemented()]
     return out
 
 
-def spec_row(spec: LayerSpec, donor: CleanRun, recipient: CleanRun) -> tuple[SitePatch, ...]:
-    return tuple(SitePatch(s, recipient.positions, donor.values[s]) for s in spec_sites(spec))
+def spec_row(spec: LayerSpec, donor: CleanRun, recipient: CleanRun,
+             sites=spec_sites) -> tuple[SitePatch, ...]:
+    return tuple(SitePatch(s, recipient.positions, donor.values[s]) for s in sites(spec))
 
 
 def run_rows(subject: Subject, engine: str, run: CleanRun, rows: Sequence[Row], ids, ref: int,
@@ -136,7 +151,7 @@ class Collected:
     n_layers: int
     lists: dict[str, list] = field(default_factory=lambda: {
         k: [] for k in ("pair", "group", "type", "phen", "dir", "ma", "mb", "gap", "heads",
-                        "suff", "nec")})
+                        "suff", "nec", "comp")})
     restoration: dict[str, list] = field(default_factory=dict)
     by_position: dict[str, list] = field(default_factory=dict)
     divergence: dict[str, list] = field(default_factory=dict)
@@ -158,6 +173,9 @@ class Collected:
         if self.plan.specs:
             self.lists["suff"].append(r("specs"))
             self.lists["nec"].append((a.margin - margins[(pair.id, "necessity")]) / delta)
+            comp = np.zeros(len(self.plan.specs))  # an empty complement patches nothing
+            comp[self.plan.complemented()] = r("complement")
+            self.lists["comp"].append(comp)
         for k, v in div.items():
             self.divergence.setdefault(k, []).append(v)
         g = pair.group
@@ -172,9 +190,10 @@ class Collected:
     def specs(self, n_boot: int) -> list[SpecEffect]:
         out, n = self.lists, len(self.plan.specs)
         suff, nec = self.stack(out["suff"], n), self.stack(out["nec"], n)
+        comp = self.stack(out["comp"], n)
         return [SpecEffect(str(spec), spec.layers, label, list(out["pair"]), list(out["group"]),
                            list(out["dir"]), suff[:, i].copy(), nec[:, i].copy(),
-                           SPEC_COMPONENTS, n_boot)
+                           SPEC_COMPONENTS, n_boot, complement=comp[:, i].copy())
                 for i, (spec, label) in enumerate(self.plan.specs)]
 
 

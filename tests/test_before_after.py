@@ -148,3 +148,24 @@ def test_adapted_run_keeps_pairs_the_adapted_model_no_longer_separates(planted, 
     doc = json.loads((vs_base.save(tmp_path) / "localization.json").read_text())
     assert doc["normalization"]["by"] == "baseline"
     np.testing.assert_array_equal(LocalizationResult.load(tmp_path).gap, vs_base.gap)
+
+
+def test_float_noise_is_not_a_shrink(planted):
+    """The same model through another engine, with a consistent drop at layer 0 of float-noise
+    size (1e-7 of the gap, every pair: its interval lies above 0), shrank nowhere; the same
+    drop at 2% of the gap, above MIN_SHRINK, is found at layer 0."""
+    from mechlora.before_after import MIN_SHRINK
+
+    base = localize(planted, more_groups(), **KW)
+    same = localize(planted, more_groups(), baseline=base, engine="full", **KW)
+    noise = np.random.default_rng(0).uniform(1.0, 2.0, base.n_pairs)
+    for drop, found in ((1e-7, []), (2 * MIN_SHRINK, [0])):
+        adapted = same.subset(np.arange(same.n_pairs))
+        adapted.restoration = {c: v.copy() for c, v in same.restoration.items()}
+        adapted.restoration["resid"][:, 0] -= drop * noise
+        comparison = compare_localizations(base, adapted)
+        assert comparison.score_shrink()["ci_low"][0] > 0
+        assert comparison.shrank_at() == (found, "interval")
+    comparison = compare_localizations(base, same)
+    assert comparison.shrank_at() == ([], "interval")
+    assert "shrank nowhere" in comparison.verdict()

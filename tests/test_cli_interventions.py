@@ -22,6 +22,23 @@ def test_bad_options_give_a_clear_error(tmp_path, small_pairs, capsys, args, mes
     assert code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("specs", [["none", "2-3"], ["2-3", "None"], ["auto", "none"]])
+def test_spec_none_beside_other_specs_is_refused_before_the_model_loads(
+        tmp_path, small_pairs, capsys, monkeypatch, specs):  # noqa: F811
+    import mechlora.models
+
+    def no_model(*args, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mechlora.models, "load_model", no_model)
+    args = [a for s in specs for a in ("--spec", s)]
+    code, _, err = run(["localize", "--model", "tiny-gemma3-text", "--pairs", str(small_pairs),
+                        "--out", str(tmp_path / "o"), "--quiet", *args], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "--spec none turns the spec test off, so it cannot come with other specs" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_interventions_from_the_cli(tmp_path, small_pairs, capsys):  # noqa: F811
     """--heads, --per-position, --spec (auto and explicit), --by, TransformerLens site names:
     the JSON holds them, the terminal says them, the report shows them."""

@@ -159,6 +159,68 @@ def test_compare_end_to_end_resume_and_paired_test(data, tmp_path, monkeypatch) 
         **{**FAST.to_dict(), "save_every": 7})})
 
 
+def test_before_and_after_training_per_arm(data, tmp_path, monkeypatch) -> None:
+    """localize_arms: the base localized once (the auto arm's scores), every adapter on its
+    pairs; the stored entry is what a direct `localize_adapter` call gives; a rerun reuses
+    every adapted localization."""
+    from mechlora.before_after import localize_adapter
+    from mechlora.cli.compare import summary
+    from mechlora.compare import localize_arms
+    from mechlora.data import make_pairs
+    from mechlora.result import LocalizationResult
+    from mechlora.training import layers
+
+    train_path, eval_path = data
+    out = tmp_path / "ba"
+    kw = dict(out=out, arms="auto,early:1", seeds=1, config=FAST, n_boot=50, progress=False,
+              gray=False, swap=False, localize_arms=True)
+    calls = []
+    localize_groups = layers.localize_groups
+    monkeypatch.setattr(layers, "localize_groups",
+                        lambda *a, **k: calls.append(1) or localize_groups(*a, **k))
+    subject = tiny()
+    doc = compare(subject, train_path, eval_path, **kw).doc
+    assert len(calls) == 1  # the scores' localization is the before/after base
+    base = LocalizationResult.load(out / "scores/localization")
+    assert doc["before_after"]["base"]["file"] == "scores/localization"
+    assert doc["before_after"]["base"]["n_pairs"] == base.n_pairs > 0
+    assert doc["last_run"]["localized"] == 2
+    for arm in doc["arms"].values():
+        run = arm["seeds"]["0"]
+        entry = run["before_after"]
+        assert entry["trained_layers"] == run["layers"] and entry["n_pairs"] == base.n_pairs
+        assert (out / entry["folder"] / "comparison.json").is_file()
+    run = doc["arms"]["early:1"]["seeds"]["0"]
+    direct = localize_adapter(subject, make_pairs(load_groups(train_path)), out / run["folder"],
+                              base=out / "scores/localization", progress=False,
+                              logit_lens=False)
+    entry = run["before_after"]
+    assert entry["verdict"] == direct.verdict()
+    assert (entry["shrank_at"], entry["test"]) == direct.shrank_at()
+    assert entry["remaining"]["mean"] == pytest.approx(direct.remaining()["mean"], abs=1e-9)
+    np.testing.assert_allclose(entry["score_shrink"]["mean"], direct.score_shrink()["mean"],
+                               atol=1e-9)
+    np.testing.assert_allclose(entry["score"], direct.adapted.scores, atol=1e-9)
+    assert "Before and after training" in (out / "report.html").read_text()
+    assert "early:1 seed 0: " in summary(doc) and "before/after" in summary(doc)
+
+    # a rerun localizes nothing, and gives the same document
+    def refuse(*args, **kwargs):
+        raise AssertionError("localized again")
+
+    monkeypatch.setattr(localize_arms, "localize_adapter", refuse)
+    monkeypatch.setattr(layers, "localize_groups", refuse)
+    monkeypatch.setattr(S, "optimizer_step", None)
+    monkeypatch.setattr(E, "evaluate", None)
+    again = compare(tiny(), train_path, eval_path, **kw).doc
+    assert again["last_run"]["localized"] == 0
+    assert {k: v for k, v in again.items() if k != "last_run"} == \
+        {k: v for k, v in doc.items() if k != "last_run"}
+    without = compare(tiny(), train_path, eval_path, **{**kw, "localize_arms": False}).doc
+    assert without["before_after"] is None and "localized" not in without["last_run"]
+    assert "before_after" not in without["arms"]["auto"]["seeds"]["0"]
+
+
 def test_arm_grammar() -> None:
     arms = parse_arms("auto, all ,3+1 ,grad:2,all@match=auto,random:2@match=1-2,single:3", 4)
     assert [(a.name, a.selector, a.match, a.single) for a in arms] == [
@@ -211,12 +273,16 @@ def test_cli_compare_and_its_errors(data, tmp_path, capsys) -> None:
     code, _, err = cli([*base, "--seeds", "0"])
     assert code == 2 and "--seeds must be at least 1" in err
     code, out, err = cli([*base, "--arms", "early:1", "--arms", "late:1", "--seeds", "1",
-                          "--max-steps", "1", "--no-gray", "--no-swap", "--n-boot", "50", "-q"])
+                          "--max-steps", "1", "--no-gray", "--no-swap", "--n-boot", "50", "-q",
+                          "--localize-arms"])
     assert code == 0, err
     assert out.splitlines()[0].split() == ["arm", "flip", "accuracy", "flip", "-", "base", "p"]
     assert [line.split()[0] for line in out.splitlines()[1:4]] == ["base", "early:1", "late:1"]
     doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert doc["arms"]["late:1"]["seeds"]["0"]["layers"] == [33]
+    entry = doc["arms"]["late:1"]["seeds"]["0"]["before_after"]
+    assert entry["trained_layers"] == [33] and doc["last_run"]["localized"] == 2
+    assert f"late:1 seed 0: {entry['remaining']['mean']:.0%} left; shrank at " in out
 
 
 def test_single_layer_adapters_and_the_spearman_test(data, tmp_path) -> None:
@@ -315,3 +381,44 @@ def test_spearman_finds_a_planted_order_and_its_reverse() -> None:
     assert up["rho"] == pytest.approx(1.0) and up["ci"][0] > 0.8
     assert down["rho"] == pytest.approx(-1.0) and down["ci"][1] < -0.8
     assert np.isnan(spearman(np.ones(4), np.arange(4)))
+
+
+def test_spearman_interval_is_undefined_below_the_minimum_of_questions() -> None:
+    from mechlora import stats
+
+    effects = np.linspace(0.05, 0.45, 4)
+    for n_q in (stats.MIN_CLUSTERS - 1, stats.MIN_CLUSTERS):
+        base = _table(np.full((1, n_q), 0.6))
+        windows = {str(w): ([w], _table(np.full((3, n_q), 0.6 - e), seed=w))
+                   for w, e in enumerate(effects)}
+        r = single_layer_test(base, windows, {"up": Scores("up", effects)}, n_boot=200,
+                              level=0.95, seed=0)
+        assert r["n_questions"] == n_q and np.isfinite(r["spearman"]["up"]["rho"])
+        assert np.isnan(r["spearman"]["up"]["ci"]).all() == (n_q < stats.MIN_CLUSTERS)
+
+
+def test_the_single_layer_replicates_are_the_packages_one_bootstrap() -> None:
+    """Each column of the joint replicates (every window and the base, one draw shared) is
+    exactly the replicate set `stats.crossed_bootstrap` draws for that column alone: the
+    percentile interval of the pooled rate agrees up to rounding."""
+    from mechlora import stats
+    from mechlora.compare.summary import _replicate_reductions
+
+    rng = np.random.default_rng(3)
+    base = _table(np.full((1, 6), 0.5), seed=1).rows([0, 1, 2])
+    windows = [_table(rng.uniform(0.2, 0.8, (3, 6)), seed=s) for s in (4, 5)]
+    metric = "original_flip_rate"
+    sums = np.stack([t.sums[metric] for t in (*windows, base)], -1)
+    counts = np.stack([t.counts[metric] for t in (*windows, base)], -1)
+    reps = stats.crossed_replicates(sums, counts, n_boot=300, seed=7)
+    for k, t in enumerate(windows):
+        alone = stats.crossed_bootstrap(t.values(metric), weights=t.counts[metric], n_boot=300,
+                                        seed=7)
+        np.testing.assert_allclose(np.quantile(reps[:, k], [0.025, 0.975]), alone.ci,
+                                   rtol=1e-12)
+    # the base column, repeated over seeds, is its question-resampled rate: the same as one row
+    one_row = stats.crossed_replicates(sums[:1, :, -1:], counts[:1, :, -1:], n_boot=300, seed=7)
+    np.testing.assert_allclose(reps[:, -1], one_row[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(_replicate_reductions(base, windows, metric, n_boot=300, seed=7),
+                               reps[:, -1:] - reps[:, :-1])
+

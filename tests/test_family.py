@@ -48,11 +48,22 @@ def test_adding_a_family_is_one_registry_entry(monkeypatch):
 
 
 def test_no_model_type_is_named_outside_the_adapter():
-    """Patching, localization and the feature cache ask the adapter; none of them tests a
-    model type or reaches into KV-cache internals itself."""
+    """Patching, localization, interventions, SAEs, the bridges and the feature cache ask the
+    adapter; none of them tests a model type or reaches into KV-cache internals itself. A
+    model type is a quoted word (`"gemma3_text"`, `'llama'`); an SAE layout such as
+    "gemma-scope" names a file format, not a model."""
+    import re
+
     root = Path(__file__).parents[1] / "mechlora"
-    for name in ("patching.py", "localize.py", "features.py", "attribution.py", "probes.py"):
-        text = (root / name).read_text()
-        for word in ('"gemma', '"llama"', '"qwen2"', "model_type", "cumulative_length",
-                     '"vision_tower"', "getattr(subject.base.config"):
+    files = [root / name for name in ("patching.py", "localize.py", "features.py",
+                                      "attribution.py", "probes.py", "sweep.py",
+                                      "interventions.py")]
+    files += sorted((root / "sae").glob("*.py")) + sorted((root / "bridges").glob("*.py"))
+    model_type = re.compile(r"""["'](gemma\w*|paligemma\w*|llama\w*|qwen\w*|gpt2)["']""")
+    for path in files:
+        text = path.read_text()
+        name = path.relative_to(root)
+        assert not model_type.search(text), f"{name} names {model_type.search(text)[0]}"
+        for word in ("model_type", "cumulative_length", '"vision_tower"',
+                     "getattr(subject.base.config"):
             assert word not in text, f"{name} mentions {word}"

@@ -8,9 +8,10 @@ from mechlora import stats
 from mechlora.breakdown import direction_notes
 from mechlora.effects import ORIGINAL_TO_PARAPHRASE, PARAPHRASE_TO_ORIGINAL
 from mechlora.errors import MechloraError
-from mechlora.interventions import spec_effect
+from mechlora.interventions import parse_specs, spec_effect
 from mechlora.localize import localize
 from mechlora.patching import RUNNERS
+from mechlora.result import LocalizationResult, merge_results
 from tests.planted import (
     and_subject,
     head_subject,
@@ -47,6 +48,39 @@ def test_a_gate_spread_over_layers_3_to_5_is_sufficient_and_necessary_as_a_spec(
     assert effects["4-5"].stat("sufficiency")["mean"] > effects["4"].stat("sufficiency")["mean"]
     # each MLP alone carries a part: the per-layer sweep does not say "3-5 suffices"
     assert (result.mean("mlp")[3:6] < 0.5).all() and (result.mean("mlp")[3:6] > 0.1).all()
+
+
+def test_necessity_as_the_complement_of_the_spec(spread, tmp_path):
+    """necessity_complement = 1 - r(every attn and mlp output outside S, patched at once).
+    Outside 3-5 nothing carries the phrasing (attention only at 3, the MLPs after 3 write
+    only their gates, those before 3 see only the shared last token): the complement
+    restores nothing, necessity_complement = 1. The complement of 4 holds layer 3's
+    attention, which hands every gate a's input: it restores almost all, so layer 4 is not
+    necessary; its value is the sufficiency of the spec 0-3+5-7 measured as such."""
+    result = localize(spread, more_groups(), specs=["3-5", "4", "0-3,5-7", "all"], **KW)
+    effects = {e.spec: e for e in result.specs}
+    np.testing.assert_allclose(effects["3-5"].complement, 0, atol=1e-5)
+    np.testing.assert_allclose(effects["3-5"].necessity_complement, 1, atol=1e-5)
+    np.testing.assert_allclose(effects["4"].complement, effects["0-3,5-7"].sufficiency,
+                               atol=1e-6)
+    assert effects["4"].stat("necessity_complement")["ci_high"] < 0.05
+    # noising 4 says otherwise: without 4's difference, a's answer falls part of the way
+    assert effects["4"].stat("necessity")["ci_low"] > 0.1
+    assert (effects["0-7"].necessity_complement == 1).all()  # nothing outside every layer
+    doc = result.summary()["specs"]
+    assert doc[0]["necessity_complement"]["mean"] == pytest.approx(1, abs=1e-5)
+    assert set(doc[1]["by_direction"][ORIGINAL_TO_PARAPHRASE]) >= {"necessity_complement"}
+    assert "necessity (complement) 1.00" in effects["3-5"].text()
+    full = localize(spread, more_groups()[:3], specs=["4"], engine="full", **KW).specs[0]
+    np.testing.assert_allclose(full.complement, effects["4"].complement[:full.n_pairs],
+                               atol=1e-5)
+    # saved, read back, and gathered from shards (several processes) alike
+    loaded = LocalizationResult.load(result.save(tmp_path / "loc"))
+    halves = merge_results([result.subset(np.arange(6, 12)), result.subset(np.arange(6))],
+                           result.pair_ids)
+    for other in (loaded, halves):
+        for mine, theirs in zip(result.specs, other.specs, strict=True):
+            np.testing.assert_array_equal(theirs.complement, mine.complement)
 
 
 def test_spec_auto_tests_what_the_rule_selects(spread):
@@ -162,3 +196,6 @@ def test_spec_options_are_checked(tiny_text):
     with pytest.raises(MechloraError, match="no sites to patch"):
         localize(tiny_text, planted_groups(), components=[], **KW)
     assert set(RUNNERS) >= {"full", "batched", "cached"}
+    assert parse_specs(["none"], 6) == ([], False) and parse_specs(" None ", 6) == ([], False)
+    with pytest.raises(MechloraError, match=r"cannot come with other specs \(2-3\)"):
+        parse_specs(["none", "2-3"], 6)

@@ -3,6 +3,7 @@ home, and only a folder mechlora made (it holds the marker) is ever deleted."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -36,19 +37,59 @@ def cli(args: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def elsewhere(tmp_path_factory) -> dict[str, str]:
+    """Inputs outside the data folder: an SAE file and a held-out copy of the example."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("inputs")
+    shutil.copytree(EXAMPLE_PATH.parent, folder / "heldout")
+    save_file({"W_enc": torch.zeros(64, 8), "W_dec": torch.zeros(8, 64), "b_enc": torch.zeros(8),
+               "b_dec": torch.zeros(64)}, folder / "sae.safetensors")
+    return {"{sae}": str(folder / "sae.safetensors"),
+            "{eval}": str(folder / "heldout" / EXAMPLE_PATH.name)}
+
+
 @pytest.mark.parametrize("command", [
     ["train", "--model", "tiny-gemma3-vlm", "--layers", "2-3", "--max-steps", "1"],
     ["localize", "--model", "tiny-gemma3-text"],
     ["eval", "--model", "tiny-gemma3-vlm", "--no-progress"],
+    ["sae", "rank", "--model", "tiny-gemma3-text", "--sae", "{sae}", "--layer", "5", "-q"],
+    ["compare", "--model", "tiny-gemma3-vlm", "--eval", "{eval}", "--arms", "early:1",
+     "--seeds", "1", "--max-steps", "1", "-q"],
 ])
 @pytest.mark.parametrize("where", ["data folder", "its parent", "image folder"])
-def test_overwrite_never_deletes_the_inputs(command, where, data, capsys) -> None:
+def test_overwrite_never_deletes_the_inputs(command, where, data, elsewhere, capsys) -> None:
     out = {"data folder": data.parent, "its parent": data.parent.parent,
            "image folder": data.parent / "images"}[where]
     before = listing(data.parent)
+    command = [elsewhere.get(word, word) for word in command]
     code, err = cli([*command, "--pairs", str(data), "--out", str(out), "--overwrite"], capsys)
     assert code == 2 and "which this run reads" in err and "Traceback" not in err
     assert listing(data.parent) == before  # today's main deleted the folder first
+
+
+@pytest.mark.parametrize("command", [
+    ["compare", "--model", "tiny-gemma3-text", "--eval", "{eval}", "--arms", "early:1",
+     "--seeds", "1", "--max-steps", "1", "-q"],
+    ["sae", "rank", "--model", "tiny-gemma3-text", "--sae", "{sae}", "--layer", "5", "-q"],
+])
+@pytest.mark.parametrize("where", ["data folder", "its parent"])
+def test_overwrite_never_deletes_text_only_data(command, where, tmp_path, elsewhere,
+                                                capsys) -> None:
+    """Without images the data file itself must be what protects its folder."""
+    from mechlora.data import load_groups, write_groups
+
+    data = tmp_path / "data" / "train.jsonl"
+    data.parent.mkdir()
+    write_groups(data, [dataclasses.replace(g, image=None) for g in load_groups(EXAMPLE_PATH)])
+    (data.parent / "notes.txt").write_text("mine")
+    out = data.parent if where == "data folder" else tmp_path
+    command = [elsewhere.get(word, word) for word in command]
+    code, err = cli([*command, "--pairs", str(data), "--out", str(out), "--overwrite"], capsys)
+    assert code == 2 and f"{data}, which this run reads" in err
+    assert "Traceback" not in err and listing(data.parent) == ["notes.txt", "train.jsonl"]
 
 
 def test_working_directory_home_and_root_are_never_outputs(tmp_path, monkeypatch) -> None:

@@ -58,6 +58,26 @@ def test_planted_feature_is_ranked_first(planted):
     assert ranking.fit["l0"] == pytest.approx(float((sae.encode(xs) != 0).sum(-1).double().mean()))
 
 
+def test_rank_refuses_positions_that_reach_into_the_question(planted):
+    """suffix:K past the tokens both wordings share would rank features of different words;
+    refused as sae patch and localize refuse, naming the first differing token (computed here
+    from the tokenized prompts)."""
+    subject, sae = planted
+    g = planted_groups()[0]
+    ids = [subject.encode([v.text])["input_ids"][0].tolist() for v in g.variants]
+    shared = next(i for i in range(1, min(map(len, ids))) if ids[0][-i] != ids[1][-i]) - 1
+    words = [subject.tokenizer.decode([t[-shared - 1]]) for t in ids]
+    for only_flips in (True, False):
+        with pytest.raises(MechloraError, match="reach into the question") as e:
+            rank_features(subject, sae, planted_groups(), positions=f"suffix:{shared + 1}",
+                          only_flips=only_flips, progress=False)
+        assert f"token {shared + 1} from the end is {words[0]!r}" in str(e.value)
+        assert f"but {words[1]!r}" in str(e.value)
+        assert f"share their last {shared} tokens" in str(e.value)
+    assert rank_features(subject, sae, planted_groups(), positions=f"suffix:{shared}",
+                         progress=False).n_pairs == 3
+
+
 def test_patching_the_planted_feature_restores_and_a_random_one_does_not(planted):
     subject, sae = planted
     result = patch_features(subject, sae, planted_groups(), [F_STAR], progress=False)
@@ -384,6 +404,9 @@ def test_cli_rank_patch_clamp(tmp_path, capsys):
               str(tmp_path / "x")], "either --features"),
             (["sae", "rank", *common, "--layer", "4", "--out", str(tmp_path / "y")],
              "disagrees"),
-            (["sae", "rank", *common, "--out", str(tmp_path / "rank")], "--overwrite")):
+            (["sae", "rank", *common, "--out", str(tmp_path / "rank")], "--overwrite"),
+            (["sae", "rank", *common, "--positions", "suffix:20", "--all-pairs", "--out",
+              str(tmp_path / "z")], "reach into the question: token ")):
         code, _, err = run(argv, capsys)
         assert code == 2 and message in err and "Traceback" not in err
+        assert err.count("\n") == 1

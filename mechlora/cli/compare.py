@@ -79,6 +79,13 @@ def compare_command(
                               "question's image (swap sensitivity). Default: when possible."),
     eval_batch_size: int = typer.Option(16, help="Prompts per forward in evaluation."),
     n_boot: int = typer.Option(2000, help="Bootstrap replicates (seeds x questions)."),
+    localize_arms: bool = typer.Option(False, "--localize-arms", help="Before and after "
+                                       "training: localize the base once on a subset of the "
+                                       "training pairs (the localization the scores use, when "
+                                       "there is one) and every adapter on the same pairs, and "
+                                       "say where each shrank the divergence (one more "
+                                       "localization sweep per arm and seed; reused on a "
+                                       "rerun)."),
     dtype: str = typer.Option("auto", help="Weights: auto (bf16 on GPU, fp32 on CPU), float32, "
                               "bfloat16."),
     device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda if available)."),
@@ -93,7 +100,8 @@ def compare_command(
     Example: mechlora compare --model organism --pairs train.jsonl --eval heldout.jsonl
     --arms auto,all,early:5,random:5,grad:5,snr:5,all@match=auto --seeds 3 --out runs/cmp
 
-    Writes OUT/compare.json and OUT/report.html; each adapter lives in OUT/arms/ARM/seed-S/.
+    Writes OUT/compare.json and OUT/report.html; each adapter lives in OUT/arms/ARM/seed-S/
+    (with --localize-arms, its before/after localization in OUT/arms/ARM/seed-S/before_after/).
     Scores that arms read (localization, grad, bi; snr from the weights) are computed once, on
     the training pairs, with the first seed.
     """
@@ -114,7 +122,7 @@ def compare_command(
                      swap=swap, eval_batch_size=eval_batch_size, n_boot=n_boot,
                      overwrite=overwrite, progress=not quiet,
                      dtype=None if dtype == "auto" else dtype, device=device,
-                     trust_remote_code=trust_remote_code)
+                     trust_remote_code=trust_remote_code, localize_arms=localize_arms)
     typer.echo(summary(result.doc))
     typer.echo(f"wrote {out}/compare.json and report.html")
 
@@ -133,4 +141,19 @@ def summary(doc: dict) -> str:
         lines.append(f"{name:<24}{pct(m.get('original_flip_rate'), 'mean'):>8}"
                      f"{pct(m.get('accuracy'), 'mean'):>10}{pct(t, 'diff'):>13}"
                      f"{'n/a' if p is None else f'{p:.3f}':>8}")
+    if doc.get("before_after"):
+        lines.append("before/after on the training pairs (share of the base divergence left; "
+                     "layers where it shrank / trained):")
+        for name, arm in doc["arms"].items():
+            for s, run in arm["seeds"].items():
+                entry = run.get("before_after")
+                if entry:
+                    left = entry["remaining"]["mean"]
+                    lines.append(f"  {name} seed {s}: {'n/a' if left is None else f'{left:.0%}'}"
+                                 f" left; shrank at {_layers(entry['shrank_at'])} / trained "
+                                 f"{_layers(entry['trained_layers'])}")
     return "\n".join(lines + [f"note: {n}" for n in doc["notes"][:1]])
+
+
+def _layers(layers: list[int] | None) -> str:
+    return "none" if not layers else ",".join(map(str, layers))

@@ -31,7 +31,8 @@ def localize(
         "suffix:K (or image) alone: a position x layer heatmap."),
     spec: list[str] = typer.Option(
         None, "--spec", help="Layer specs whose attn+mlp outputs are patched all at once, "
-        "for sufficiency (denoising) and necessity (noising): auto (what --rule selects; the "
+        "for sufficiency (denoising) and necessity (noising; and as 1 - what every layer "
+        "outside the spec restores): auto (what --rule selects; the "
         "default when --sites has resid, attn or mlp), all, or e.g. 15-19; repeat the option "
         "for several, 'none' for no test."),
     by: str = typer.Option(None, "--by", help="type | phenomenon: scores, intervals and a "
@@ -116,8 +117,9 @@ def localize(
     from mechlora.sites import components as parse_sites
 
     per_layer, _ = parse_sites(sites)  # a bad site name fails now, before loading the model
-    spec = spec or (["auto"] if per_layer else [])
-    specs = [] if [x.strip().lower() for x in spec] == ["none"] else spec
+    from mechlora.interventions import asked_specs
+
+    specs = asked_specs(spec or (["auto"] if per_layer else []))  # before the model loads
     if by is not None and by not in ("type", "phenomenon"):
         raise MechloraError(f"--by {by}: use type or phenomenon")
     out_dir = (prepare_out_dir(out, overwrite, inputs=reads) if main_process

@@ -6,6 +6,8 @@ file, and compare them with seed-level statistics (docs/compare.md).
     OUT/base/eval/                       the base model's predictions on the held-out file
     OUT/arms/ARM/seed-S/                 one adapter (mechlora train's folder) ...
     OUT/arms/ARM/seed-S/eval/            ... and its predictions (reused while they match)
+    OUT/arms/ARM/seed-S/before_after/    with localize_arms: the adapter localized on the
+                                         base localization's training pairs (reused too)
     OUT/compare.json, OUT/report.html    the comparison
 """
 
@@ -92,7 +94,8 @@ def compare(model: Subject | str, pairs: str | Path | Sequence[QuestionGroup],
             swap: bool | None = None, eval_batch_size: int = 16, n_boot: int = 2000,
             level: float = 0.95, overwrite: bool = False, progress: bool = True,
             dtype: str | None = None, device: str | None = None,
-            trust_remote_code: bool = False, plotlyjs: str = "embed") -> CompareResult:
+            trust_remote_code: bool = False, plotlyjs: str = "embed",
+            localize_arms: bool = False) -> CompareResult:
     """Train every arm for every seed with `config` (the same budget for all), evaluate the
     base model and every adapter on `eval_pairs`, and write OUT/compare.json and report.html.
 
@@ -102,7 +105,9 @@ def compare(model: Subject | str, pairs: str | Path | Sequence[QuestionGroup],
     (default `auto` when it is an arm). `match_params`: a selector whose parameter count every
     arm but the single ones holds (as `@match=`). `scores`: score sources to compute and plot
     beyond those the arms need (a `single` arm adds all four). `gray`/`noimage`/`swap` as in
-    `mechlora.evaluate`.
+    `mechlora.evaluate`. `localize_arms`: localize the base once on a subset of the training
+    pairs and every adapter on the same pairs, and say where each shrank the divergence
+    (`mechlora.compare.localize_arms`; one localization sweep per arm and seed).
     """
     cfg = (config or TrainConfig()).validate()
     if cfg.match_params is not None:
@@ -151,9 +156,14 @@ def compare(model: Subject | str, pairs: str | Path | Sequence[QuestionGroup],
         runs[arm.name][seed] = run
         log(_summary_line(arm, seed, run))
     bar.close()
+    before_after = None
+    if localize_arms:
+        before_after = _localize_arms(subject, train_groups, cfg, seed_list[0], out,
+                                      from_localization, runs, counts, progress)
     doc = _document(subject, cfg, seed_list, arm_list, ref, score_sets, train_groups,
                     eval_groups, base, runs, design, n_boot=n_boot, level=level,
-                    options=options, from_localization=from_localization)
+                    options=options, from_localization=from_localization,
+                    before_after=before_after)
     doc["last_run"] = {**counts, "seconds": round(time.perf_counter() - t0, 3)}
     write_json(out / "compare.json", doc)
     from mechlora.report.compare import write_report
@@ -276,6 +286,35 @@ def _scores(subject: Subject, groups, sources: set[str], cfg: TrainConfig, seed:
     return result
 
 
+# ---- before and after training (localize_arms) ------------------------------------------------
+
+def _localize_arms(subject, train_groups, cfg: TrainConfig, seed: int, out: Path,
+                   from_localization, runs, counts: dict, progress: bool) -> dict[str, Any]:
+    """Localize the base once and every run's adapter on its pairs; each run gets its entry
+    (`run["before_after"]`); returns compare.json's `before_after`."""
+    from mechlora.compare import localize_arms as la
+
+    base, where = la.base_localization(subject, train_groups, cfg, seed, out,
+                                       from_localization, progress)
+    counts["localized"] = 0
+    if not base.n_pairs:
+        return {**la.base_entry(base, where), "note": "the base localization kept no pair: "
+                "nothing to compare the adapters with"}
+    log = tqdm.write if progress else (lambda *_: None)
+    for name, by_seed in runs.items():
+        for seed_, run in by_seed.items():
+            folder = out / run["folder"]
+            comparison, reused = la.localize_run(
+                subject, train_groups, base, folder,
+                _sha256(folder / "adapter_model.safetensors"),
+                merge_variants=cfg.merge_variants, progress=progress)
+            counts["localized"] += not reused
+            run["before_after"] = la.run_entry(comparison, run["folder"])
+            log(f"{name} seed {seed_}: {comparison.verdict()}"
+                f"{' (reused)' if reused else ''}")
+    return la.base_entry(base, where)
+
+
 # ---- one arm and seed -------------------------------------------------------------------------
 
 @dataclass
@@ -378,7 +417,8 @@ def _summary_line(arm: Arm, seed: int, run: dict) -> str:
 
 def _document(subject, cfg: TrainConfig, seeds, arms: list[Arm], ref, score_sets, train_groups,
               eval_groups, base: _Predictions, runs, design, *, n_boot: int, level: float,
-              options: dict, from_localization) -> dict[str, Any]:
+              options: dict, from_localization, before_after: dict | None = None
+              ) -> dict[str, Any]:
     group_ids = [g.id for g in eval_groups]
     stats_kw = dict(n_boot=n_boot, level=level, seed=0)
     base_table = table({None: base.preds}, group_ids)
@@ -424,6 +464,7 @@ def _document(subject, cfg: TrainConfig, seeds, arms: list[Arm], ref, score_sets
                  "by_phenomenon": by_phenomenon({None: base.preds}, base.preds, group_ids,
                                                 **stats_kw)},
         "arms": doc_arms,
+        "before_after": before_after,
         "single": [{"width": w, **single_layer_test(base_table, windows, score_sets,
                                                     **stats_kw)}
                    for w, windows in sorted(singles.items()) if len(windows) >= 2],
@@ -450,7 +491,8 @@ def _run_entry(run: dict) -> dict[str, Any]:
             "reason": sel.reason, "ranks": lora.get("ranks"), "match": lora.get("match"),
             "trainable_parameters": lora["trainable_parameters"],
             "steps": record["training"]["steps"], "final_loss": final.get("loss"),
-            "train_seconds": run["train_seconds"], "eval_seconds": run["eval_seconds"]}
+            "train_seconds": run["train_seconds"], "eval_seconds": run["eval_seconds"],
+            **({"before_after": run["before_after"]} if "before_after" in run else {})}
 
 
 def _score_entry(scores: Scores) -> dict[str, Any]:

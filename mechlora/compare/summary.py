@@ -152,7 +152,7 @@ def single_layer_test(base: Table, windows: dict[str, tuple[Sequence[int], Table
     once per replicate for every window together (a seed or question drawn twice counts twice
     in every window and in the base), and recomputes every reduction and the correlation. The
     scores are held fixed: they were computed once on the training pairs, so their own noise
-    is not in the interval.
+    is not in the interval. With fewer than `stats.MIN_CLUSTERS` questions it is undefined.
     """
     names = list(windows)
     seeds = sorted(set.intersection(*(set(t.seeds) for _, t in windows.values())))
@@ -168,16 +168,19 @@ def single_layer_test(base: Table, windows: dict[str, tuple[Sequence[int], Table
     reduction = np.asarray([row["reduction"] for row in rows])
     reps = _replicate_reductions(b, tables, metric, n_boot=n_boot, seed=seed)
     alpha = 1 - level
+    n_questions = int(np.all([t.counts[metric].sum(0) > 0 for t in (b, *tables)], 0).sum())
     out = {}
     for source, s in scores.items():
         w = window_scores(s, [windows[n][0] for n in names])
         rho_reps = np.asarray([spearman(w, rep) for rep in reps])
         rho_reps = rho_reps[np.isfinite(rho_reps)]
-        ok = len(names) >= 3 and len(seeds) >= 1 and rho_reps.size > 0
+        ok = (len(names) >= 3 and len(seeds) >= 1 and rho_reps.size > 0
+              and n_questions >= stats.MIN_CLUSTERS)  # as every interval: none below
         ci = list(np.quantile(rho_reps, [alpha / 2, 1 - alpha / 2])) if ok else [NAN, NAN]
         out[source] = {"rho": spearman(w, reduction) if len(names) >= 3 else NAN,
                        "ci": [float(c) for c in ci], "window_scores": w.tolist()}
-    return {"metric": metric, "seeds": seeds, "windows": rows, "spearman": out,
+    return {"metric": metric, "seeds": seeds, "n_questions": n_questions, "windows": rows,
+            "spearman": out,
             "resampled": "training seeds and evaluation questions, with replacement, jointly for "
                          "every window and the base; the scores are held fixed (computed once "
                          "on the training pairs)"}
@@ -185,18 +188,10 @@ def single_layer_test(base: Table, windows: dict[str, tuple[Sequence[int], Table
 
 def _replicate_reductions(base: Table, tables: list[Table], metric: str, *, n_boot: int,
                           seed: int) -> np.ndarray:
-    """[n_boot, windows] bootstrap replicates of base rate - window rate (pooled)."""
-    sums = np.stack([t.sums[metric] for t in tables])    # [W, S, Q]
-    counts = np.stack([t.counts[metric] for t in tables])
-    b_sums, b_counts = base.sums[metric][0], base.counts[metric][0]  # the base has no seeds
-    n_seeds, n_q = sums.shape[1:]
-    rng = np.random.default_rng(seed)
-    ws = np.stack([np.bincount(rng.integers(0, n_seeds, n_seeds), minlength=n_seeds)
-                   for _ in range(n_boot)]).astype(float)
-    wq = np.stack([np.bincount(rng.integers(0, n_q, n_q), minlength=n_q)
-                   for _ in range(n_boot)]).astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        arm = (np.einsum("bs,bq,wsq->bw", ws, wq, sums)
-               / np.einsum("bs,bq,wsq->bw", ws, wq, counts))
-        base_rate = (wq @ b_sums) / (wq @ b_counts)
-    return base_rate[:, None] - arm
+    """[n_boot, windows] bootstrap replicates of base rate - window rate (pooled), from one
+    seed x question resampling shared by every window and the base (`stats.crossed_replicates`;
+    the seedless base, repeated over the seeds by `Table.rows`, keeps its ratio)."""
+    sums = np.stack([t.sums[metric] for t in (*tables, base)], axis=-1)    # [S, Q, W + 1]
+    counts = np.stack([t.counts[metric] for t in (*tables, base)], axis=-1)
+    reps = stats.crossed_replicates(sums, counts, n_boot=n_boot, seed=seed)
+    return reps[:, -1:] - reps[:, :-1]

@@ -2,7 +2,8 @@
 
 Flip rate vs accuracy per arm (a point per seed, the mean with its seed x question interval),
 every selector's per-layer scores above the layers each arm trained, the single-layer curve,
-and tables: metrics, paired tests, parameters and cost per arm.
+before/after training per arm and seed (with localize_arms), and tables: metrics, paired
+tests, parameters and cost per arm.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def write_report(path: str | Path, doc: dict[str, Any], *, plotlyjs: str = "embe
     page.text(f"Intervals: {doc['statistics']['interval']}. Tests: "
               f"{doc['statistics']['paired']}. p = n/a: fewer than 5 questions; sign-flip "
               f"p = n/a: fewer than {doc['statistics']['min_sign_flip_seeds']} seeds.", note=True)
+    if doc.get("before_after"):
+        before_after_section(page, doc)
     if doc["scores"]:
         page.heading("Per-layer scores and the layers each arm trained")
         page.figure(scores_figure(doc, main))
@@ -174,6 +177,67 @@ def single_figure(single: dict) -> go.Figure:
                       yaxis_title="flip reduction", yaxis_tickformat=".0%", height=420,
                       xaxis_type="category")
     return fig
+
+
+def before_after_section(page: Page, doc: dict) -> None:
+    ba = doc["before_after"]
+    base = ba["base"]
+    page.heading("Before and after training: where each adapter shrank the divergence")
+    page.text(f"The base model localized on {base['n_pairs']} training pairs of "
+              f"{base['n_groups']} questions (positions {base['positions']}; {base['file']}), "
+              "and every adapter on the same pairs, each effect divided by the base model's gap "
+              "m(a) - m(b): the share of the base divergence left, and the layers whose "
+              "per-layer score dropped (interval above 0 and a mean drop above 1% of the gap; "
+              "without intervals, fewer than 5 questions, a mean drop above 10%). These are the "
+              "pairs the adapters were trained to fix, not held-out ones.", note=True)
+    if ba.get("note"):
+        page.text(ba["note"], note=True)
+        return
+    page.figure(before_after_figure(doc))
+    page.table(*before_after_table(doc))
+
+
+def before_after_figure(doc: dict) -> go.Figure:
+    def values(v: list) -> np.ndarray:
+        return np.asarray([np.nan if x is None else x for x in v], dtype=float)
+
+    n = doc["n_layers"]
+    fig = go.Figure(go.Scatter(x=list(range(n)), y=values(doc["before_after"]["base"]["score"]),
+                               mode="lines+markers", name="base",
+                               line=dict(color="#000000", width=3)))
+    for i, (name, arm) in enumerate(doc["arms"].items()):
+        runs = [r["before_after"] for r in arm["seeds"].values() if r.get("before_after")]
+        if runs:
+            with np.errstate(invalid="ignore"):
+                mean = np.nanmean([values(r["score"]) for r in runs], axis=0)
+            fig.add_trace(go.Scatter(x=list(range(n)), y=mean, mode="lines+markers",
+                                     name=html.escape(name),
+                                     line=dict(color=PALETTE[i % len(PALETTE)])))
+    fig.add_hline(y=0, line=dict(color="#999", dash="dot"))
+    fig.update_layout(title="Per-layer score in units of the base gap: the base, and each "
+                            "adapted model (mean over seeds)", xaxis_title="layer",
+                      yaxis_title="score (base units)", height=420,
+                      xaxis_dtick=1 if n <= 40 else None)
+    return fig
+
+
+def before_after_table(doc: dict) -> tuple[list[str], list[list[str]]]:
+    def layers(v: list | None) -> str:
+        return "none" if not v else ", ".join(map(str, v))
+
+    rows = []
+    for name, arm in doc["arms"].items():
+        for seed, run in arm["seeds"].items():
+            entry = run.get("before_after")
+            if not entry:
+                continue
+            left = entry["remaining"]
+            rows.append([name, seed, layers(entry["trained_layers"]),
+                         _fmt({"mean": left["mean"], "ci": [left["ci_low"], left["ci_high"]]},
+                              "mean", True),
+                         layers(entry["shrank_at"]), entry["verdict"]])
+    return ["arm", "seed", "trained layers", "divergence left [95% CI]", "shrank at",
+            "verdict"], rows
 
 
 # ---- tables -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from mechlora.breakdown import direction_notes, rule_of, selection_of
-from mechlora.effects import DIRECTIONS
+from mechlora.effects import DIRECTIONS, WHICH
 from mechlora.report.page import Page
 
 DIRECTION_COLORS = {"original>paraphrase": "#1f77b4", "paraphrase>original": "#d62728",
@@ -66,24 +66,29 @@ def specs_section(page: Page, result) -> None:
     page.heading("Does the spec carry the divergence?")
     page.text("Every attn and mlp output of the spec's layers patched at once. Sufficiency "
               "(denoising): (m(b<-a@S) - m(b)) / (m(a) - m(b)). Necessity (noising): "
-              "(m(a) - m(a<-b@S)) / (m(a) - m(b)). 1 = the spec carries the whole divergence.",
-              note=True)
+              "(m(a) - m(a<-b@S)) / (m(a) - m(b)); over both directions of every pair it "
+              "equals the sufficiency. Necessity (complement): 1 - (m(b<-a@~S) - m(b)) / "
+              "(m(a) - m(b)), every attn and mlp output outside S denoised at once: 1 = the "
+              "rest of the model cannot carry the answer without S (1 by definition for all "
+              "layers). 1 = the spec carries the whole divergence.", note=True)
     rows = []
     for e in result.specs:
         for d in (None, *DIRECTIONS):
             part = e.where(d)
             if not part.n_pairs or (d is not None and part.n_pairs == e.n_pairs):
                 continue
-            s, n = part.stat("sufficiency"), part.stat("necessity")
             covered = "" if d is not None or e.covered is None else f"{e.covered:.0%}"
             rows.append([e.spec if d is None else "", e.label if d is None else d, covered,
-                         part.n_pairs, _ci(s), _ci(n)])
+                         part.n_pairs, *(_ci(part.stat(w)) for w in WHICH)])
     page.table(["spec", "tested as / direction", "score covered", "pairs", "sufficiency",
-                "necessity"], rows)
+                "necessity (noising S)", "necessity (complement)"], rows)
 
 
-def _ci(stat: dict) -> str:
-    mean, lo, hi = (float(stat[k]) for k in ("mean", "ci_low", "ci_high"))
+def _ci(stat: dict | None) -> str:
+    if stat is None:
+        return "not measured"
+    mean, lo, hi = (0.0 if abs(float(stat[k])) < 0.005 else float(stat[k])  # never -0.00
+                    for k in ("mean", "ci_low", "ci_high"))
     return f"{mean:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) else "")
 
 

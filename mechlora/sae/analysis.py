@@ -28,7 +28,14 @@ from tqdm.auto import tqdm
 from mechlora import memory
 from mechlora.data import Pair, QuestionGroup, load_groups, load_image, make_pairs
 from mechlora.errors import MechloraError
-from mechlora.localize import CleanRun, check_limits, clean_run, parse_positions, screen
+from mechlora.localize import (
+    CleanRun,
+    check_limits,
+    check_positions,
+    clean_run,
+    parse_positions,
+    screen,
+)
 from mechlora.models.subject import Subject
 from mechlora.patching import RUNNERS, SitePatch, choose_engine
 from mechlora.probes import Site
@@ -71,6 +78,17 @@ def _check_positions(positions: str) -> None:
         raise MechloraError("SAE features are read at the aligned prompt positions: use "
                             "positions last or suffix:K (the image precedes the question, so "
                             "its activations do not differ between paraphrases)")
+
+
+def _check_aligned(subject: Subject, pair: Pair, a: CleanRun, b: CleanRun,
+                   positions: str) -> None:
+    """Refuse positions that are not the same tokens in both wordings (`suffix:K` reaching
+    into the question) or cannot differ between them, naming the first differing token
+    (`mechlora.localize.check_positions`, the check `screen` makes for localize and patch)."""
+    if len(a.positions) != len(b.positions):
+        raise MechloraError(f"pair {pair.id}: {len(a.positions)} vs {len(b.positions)} "
+                            f"aligned positions for '{positions}'")
+    check_positions(subject, pair, a, b, positions)
 
 
 def _groups_of_runs(subject: Subject, sae: SAE, pairs: Sequence[Pair], layer: int,
@@ -141,6 +159,7 @@ def rank_features(subject, sae: SAE, pairs, *, layer: int | None = None,
                 n_wordings += 1
             for pair in chunk:
                 a, b = runs[pair.a], runs[pair.b]
+                _check_aligned(subject, pair, a, b, positions)  # as sae patch and localize
                 if only_flips and a.pred == b.pred:
                     continue
                 dz = (z[pair.a] - z[pair.b]).float()
