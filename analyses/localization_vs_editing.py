@@ -318,6 +318,9 @@ def organism_summary(preset: str, oseed: int, org: dict, doc: dict) -> dict[str,
     windows = {a: {"layers": layers(a), "flip": arms[a]["metrics"][FLIP]["mean"],
                    "accuracy": arms[a]["metrics"]["accuracy"]["mean"]}
                for a in arms if arms[a]["single"] == 2}
+    for w in windows.values():  # descriptive, not part of the decision rule: the settings' gain
+        w["net_gain"] = (base[FLIP]["mean"] - w["flip"]) - max(
+            0.0, base["accuracy"]["mean"] - w["accuracy"])
     auto_by_seed = {s: r["layers"] for s, r in arms["auto"]["seeds"].items()}
     ranked = sorted(windows, key=lambda a: windows[a]["flip"])
     auto_window = next((a for a in windows if windows[a]["layers"] == layers("auto")), None)
@@ -361,8 +364,9 @@ def markdown(summary: dict) -> str:
         lines += [f"Settings (validation, organism-mid, `all`): lr {c['lr']:g}, {c['steps']} "
                   f"steps ({c['why']}).", ""]
     lines += ["| organism | k | auto (window:2) | auto's rank among the windows | best window | "
-              "best window flip / acc. | base flip / acc. | auto flip / acc. | all flip / acc. | "
-              "all@match=auto flip / acc. | auto - all@match=auto |", "|---" * 11 + "|"]
+              "windows within the accuracy slack | best window flip / acc. | base flip / acc. | "
+              "auto flip / acc. | all flip / acc. | all@match=auto flip / acc. | "
+              "auto - all@match=auto |", "|---" * 12 + "|"]
     for o in summary["organisms"]:
         a = o["arms"]
         t = o["auto_vs_matched"]
@@ -374,17 +378,20 @@ def markdown(summary: dict) -> str:
         lines.append(
             f"| {o['name']}@{o['organism_seed']} | {o['k']} | "
             f"{_span(o['auto_layers'])} | {o['auto_window_rank']} of {o['n_windows']} | "
-            f"{_span(b['layers'])} | "
+            f"{_span(b['layers'])} | {b['n_eligible']} of {o['n_windows']} | "
             f"{b['flip']:.1%} / {b['accuracy']:.1%} | {_pct(o['base'][FLIP])} / "
             f"{o['base']['accuracy']['mean']:.1%} | {_fa(a, 'auto')} | {_fa(a, 'all')} | "
             f"{_fa(a, 'all@match=auto')} | {test} |")
-    lines += ["", "Flip rate (mean over seeds) of every width-2 window, per organism:", "",
+    lines += ["", "Flip rate / accuracy / net gain (flips removed minus accuracy lost, against the "
+              "base; descriptive, not the decision rule) of every width-2 window, means over "
+              "seeds (* the decision rule's best window):", "",
               "| organism | " + " | ".join(f"{i}-{i + 1}" for i in range(7)) + " |",
               "|---" * 8 + "|"]
     for o in summary["organisms"]:
         by_start = {w["layers"][0]: w for w in o["windows"].values()}
-        cells = [f"{by_start[i]['flip']:.1%}" + ("*" if by_start[i]["layers"] ==
-                                                 o["best"]["layers"] else "")
+        cells = [f"{by_start[i]['flip']:.1%} / {by_start[i]['accuracy']:.1%} / "
+                 f"{by_start[i]['net_gain']:+.1%}"
+                 + ("*" if by_start[i]["layers"] == o["best"]["layers"] else "")
                  if i in by_start else "" for i in range(7)]
         lines.append(f"| {o['name']}@{o['organism_seed']} | " + " | ".join(cells) + " |")
     for o in summary["organisms"]:
