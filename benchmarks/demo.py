@@ -25,7 +25,11 @@ BUDGET_S = 600
 QUICK = dict(quick=True, steps=2, localize_groups=4, pairs_per_group=2, test_groups=20)
 
 
-def run(quick: bool) -> list[Row]:
+def run(quick: bool) -> tuple[list[Row], str]:
+    """The timing rows, and the demo's result (markdown: its per-arm table and verdict)."""
+    from mechlora.io import read_json
+    from mechlora.report.demo import headline_table, verdict
+
     command = COMMAND + (" --quick" if quick else "")
     with tempfile.TemporaryDirectory() as home:
         os.environ["MECHLORA_HOME"] = home
@@ -40,6 +44,18 @@ def run(quick: bool) -> list[Row]:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         load1 = os.getloadavg()[0]
         meta = read_meta(Path(summary["organism"]["path"]))
+        doc = read_json(Path(home) / "demo" / "compare" / "compare.json")
+    header, rows = headline_table(doc, list(doc["arms"]))
+    data = summary["data"]
+    result = "\n".join([
+        f"The demo's result in this run: {summary['localization']['n_pairs']} flip pairs "
+        f"localized, {summary['localization']['selection']['reason']}; evaluated on "
+        f"{data['test_subsample']} ({data['test_family']}, test films: "
+        f"{doc['data']['eval']['n_variants']} wordings); mean over the training seeds "
+        f"{doc['seeds']} [95% interval resampling seeds and questions].", "",
+        "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+        *("| " + " | ".join(map(str, row)) + " |" for row in rows), "",
+        verdict(doc, list(doc["arms"])), "", "\n\n".join(doc["notes"])])
     seconds, arms = summary["seconds"], summary["arms"]
     base = summary["base"]["metrics"]["original_flip_rate"]["mean"]
     flips = {name: a["metrics"]["original_flip_rate"]["mean"] for name, a in arms.items()}
@@ -59,7 +75,7 @@ def run(quick: bool) -> list[Row]:
         Row(what, f"held-out flip rate vs original ({', '.join(flips)}; auto = {sel['spec']})",
             " / ".join(f"{f:.1%}" for f in flips.values()), f"no adapter {base:.1%}",
             " / ".join(f"{f / base:.2f}x" if base else "n/a" for f in flips.values()), command),
-    ]
+    ], result
 
 
 def main() -> None:
@@ -67,10 +83,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="the reduced organism and a tiny demo: seconds, not accurate")
     args = parser.parse_args()
-    rows = run(args.quick)
-    print(f"machine: {machine()}, {os.cpu_count()} cores\n\n{Row.header()}")
+    rows, result = run(args.quick)
+    print(f"machine: {machine()}, {os.cpu_count()} cores. CPU seconds are what the demo needs "
+          "on a free core (it runs one torch thread); on a shared machine the wall time also "
+          f"counts the neighbours.\n\n{Row.header()}")
     for row in rows:
         print(row.markdown())
+    print(f"\n{result}")
 
 
 if __name__ == "__main__":

@@ -19,10 +19,13 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mechlora.errors import MechloraError
 from mechlora.io import prepare_out_dir, read_json, write_json
+
+if TYPE_CHECKING:
+    from mechlora.organism import Fold
 
 SCHEMA_VERSION = 1
 KIND = "mechlora.demo"
@@ -65,8 +68,9 @@ class DemoConfig:
 @dataclass
 class Organism:
     path: Path
-    fold: Any          # mechlora.organism.Fold: the first leave-one-family-out fold
+    fold: Fold         # the first leave-one-family-out fold
     meta: dict         # organism.json
+    built: bool        # trained by this call (False: reused from the cache)
 
     @property
     def train_pairs(self) -> Path:  # train images x the fold's training families
@@ -84,20 +88,23 @@ class Organism:
 
 def organism(cfg: DemoConfig, progress: bool = True) -> Organism:
     """Build the organism (or reuse its cached build) and take its first fold."""
-    from mechlora.organism import build_organism, load_folds, read_meta
+    from mechlora.organism import build_organism, load_folds, organism_dir, read_meta
 
+    cached = read_meta(organism_dir(cfg.preset, cfg.seed, quick=cfg.quick)) is not None
     path = build_organism(preset=cfg.preset, seed=cfg.seed, rebuild=cfg.rebuild,
                           quick=cfg.quick, progress=progress)
     fold = next(iter(load_folds(path).values()))
-    return Organism(path, fold, read_meta(path))
+    return Organism(path, fold, read_meta(path), built=cfg.rebuild or not cached)
 
 
-def localize_flips(subject, org: Organism, cfg: DemoConfig, progress: bool = True):
-    """Localize on the organism's flip pairs (training images); select auto's window."""
+def localize_flips(org: Organism, cfg: DemoConfig, progress: bool = True, subject=None):
+    """Localize on the organism's flip pairs (training images); select auto's window.
+    `subject`: the organism already loaded (default: load it)."""
     from mechlora.data import load_groups, make_pairs
     from mechlora.localize import localize
     from mechlora.select import select_layers
 
+    subject = subject if subject is not None else org.load()
     groups = load_groups(org.train_pairs, limit=cfg.localize_groups)
     pairs = make_pairs(groups, max_pairs_per_group=cfg.pairs_per_group, seed=cfg.seed)
     loc = localize(subject, pairs, only_flips=True, progress=progress)
@@ -109,13 +116,25 @@ def localize_flips(subject, org: Organism, cfg: DemoConfig, progress: bool = Tru
     return loc, selection
 
 
-def train_config(cfg: DemoConfig):
+def train_config(cfg: DemoConfig, **overrides):
     """The recipe every arm shares (compare trains each arm and seed with it)."""
     from mechlora.train import TrainConfig
 
-    return TrainConfig(r=cfg.r, alpha=cfg.alpha, lr=cfg.lr, grad_accum=cfg.pairs_per_step,
-                       max_steps=cfg.steps, epochs=10_000, kl_weight=cfg.kl_weight,
-                       seed=cfg.seed, save_every=0, rule=f"window:{cfg.window}")
+    settings = dict(r=cfg.r, alpha=cfg.alpha, lr=cfg.lr, grad_accum=cfg.pairs_per_step,
+                    max_steps=cfg.steps, epochs=10_000, kl_weight=cfg.kl_weight, seed=cfg.seed,
+                    save_every=0, rule=f"window:{cfg.window}")
+    return TrainConfig(**{**settings, **overrides})
+
+
+def train_arm(org: Organism, layers: str, out: Path, cfg: DemoConfig, progress: bool = True,
+              **overrides) -> Path:
+    """One LoRA adapter on `layers` with the demo's recipe (for analyses that train arms one
+    by one; the demo itself trains through `mechlora.compare`); returns its folder."""
+    from mechlora.train import train
+
+    train(org.load(), org.train_pairs, layers=layers, out=out,
+          config=train_config(cfg, **overrides), progress=progress)
+    return out
 
 
 def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig | None = None, *,
@@ -140,6 +159,9 @@ def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig | None = None, *,
                             "the demo in --out, --overwrite replaces it")
     settings = dataclasses.asdict(cfg)
     out = Path(out)
+    if not (resume or overwrite) and (out / SETTINGS).is_file():
+        raise MechloraError(f"{out} already holds a demo; pass --resume to continue it (same "
+                            "settings), --overwrite to replace it, or choose another --out")
     if resume and (out / SETTINGS).is_file():
         old = read_json(out / SETTINGS)
         differ = [k for k in settings if k != "rebuild" and old.get(k) != settings[k]]
@@ -165,7 +187,7 @@ def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig | None = None, *,
             loc = LocalizationResult.load(out / "localize")
             selection = select_layers(loc.scores, f"window:{cfg.window}")
         else:
-            loc, selection = localize_flips(subject, org, cfg, progress)
+            loc, selection = localize_flips(org, cfg, progress, subject)
             loc.save(out / "localize")
             write_localize_report(loc, out / "localize" / "report.html", selection)
         t_loc = time.perf_counter()
@@ -213,7 +235,7 @@ def summarize(cfg: DemoConfig, org: Organism, loc, selection, doc: dict, n_test:
     return {
         "schema_version": SCHEMA_VERSION, "kind": KIND,
         "config": dataclasses.asdict(cfg),
-        "organism": {"path": str(org.path), "preset": meta.get("preset"),
+        "organism": {"path": str(org.path), "built": org.built, "preset": meta.get("preset"),
                      "seed": meta["config"]["seed"], "planted": meta.get("planted"),
                      "accuracy_train_phrasing": meta.get("accuracy_train_phrasing"),
                      "flip_rate_heldout": meta.get("flip_rate_heldout")},

@@ -93,6 +93,7 @@ def test_demo_json_summarizes_compare_json(demo):
     doc, saved = read(out / "compare" / "compare.json"), read(out / "demo.json")
     assert saved["schema_version"] == SCHEMA_VERSION and saved["kind"] == "mechlora.demo"
     assert saved["config"]["steps"] == cfg.steps and saved["organism"]["planted"]["commit"] == 4
+    assert saved["organism"]["built"]  # the fixture's home was empty
     assert set(saved["seconds"]) == {"organism", "localize", "compare", "total"}
     for name, arm in doc["arms"].items():
         mine = saved["arms"][name]
@@ -121,11 +122,12 @@ def test_report_has_tables_and_figures_not_text_dumps(demo):
 
 def test_rerun_refuses_without_overwrite_and_resume_reuses(demo, capsys):
     out, cfg, summary, mp = demo
-    with pytest.raises(MechloraError, match="already holds results"):
+    with pytest.raises(MechloraError, match="already holds a demo; pass --resume"):
         run_demo(out, cfg, progress=False, log=lambda *a: None)
     with pytest.raises(SystemExit) as e:
         main(["demo", "--out", str(out), "--quiet"])
-    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(MechloraError, match="steps differ"):
         run_demo(out, DemoConfig(**{**CFG, "steps": 3}), resume=True, progress=False)
     with pytest.raises(MechloraError, match="exclude each other"):
@@ -133,7 +135,7 @@ def test_rerun_refuses_without_overwrite_and_resume_reuses(demo, capsys):
     again = run_demo(out, cfg, resume=True, progress=False, log=lambda *a: None)
     assert read(out / "compare" / "compare.json")["last_run"]["trained"] == 0
     assert read(out / "compare" / "compare.json")["last_run"]["evaluated"] == 0
-    assert again["arms"] == summary["arms"]
+    assert again["arms"] == summary["arms"] and not again["organism"]["built"]
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path):

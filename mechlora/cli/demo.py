@@ -31,16 +31,21 @@ def demo(
     """Does training the localized layers beat the alternatives? Asked offline, in minutes on
     a CPU, of a model organism whose answer depth is planted.
 
-    Builds (or reuses) organism-mid, a small Gemma 3 VLM trained here on synthetic chest films
-    whose answer position cannot read the question before layer 4 of 8, and which flips its
-    answers on paraphrase families it never saw. Localizes its flip pairs and selects a window
-    (auto); trains LoRA on auto, all layers, an early window and a random band of the same
-    width, for every training seed at the same budget (mechlora compare); evaluates every
-    adapter and the base on test films x a paraphrase family no training saw; writes
-    OUT/report.html and OUT/demo.json.
+    Builds (or reuses) an organism (default organism-mid: a small Gemma 3 VLM trained here on
+    synthetic chest films whose answer position cannot read the question before layer 4 of 8),
+    which flips its answers on paraphrase families it never saw. Localizes its flip pairs and
+    selects a window (auto); trains LoRA on auto, all layers, an early window and a random
+    band of the same width, for every training seed at the same budget (mechlora compare);
+    evaluates every adapter and the base on test films x a paraphrase family no training saw;
+    writes OUT/report.html and OUT/demo.json. Rerun with --resume to continue an interrupted
+    demo.
     """
     from mechlora.demo import DemoConfig, run_demo
 
+    if quiet:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # the model loader's own bars
     cfg = DemoConfig(preset=preset, seed=seed, window=window, seeds=seeds, steps=steps,
                      test_groups=test_groups, kl_weight=kl_weight, rebuild=rebuild)
     run_demo(out, cfg, overwrite=overwrite, resume=resume, progress=not quiet, log=typer.echo)

@@ -28,7 +28,12 @@ def write_report(path: str | Path, summary: dict, doc: dict, loc, selection, *,
         f"{len(doc['seeds'])} training seed(s) ({', '.join(map(str, doc['seeds']))}), and is "
         f"evaluated on test films x {data['test_family']}, a paraphrase family that neither the "
         f"organism nor any adapter saw: {data['test_subsample']} ({data['test_groups']} of "
-        f"{data['test_groups_in_file']}). Total time {summary['seconds']['total']:.0f} s.")
+        f"{data['test_groups_in_file']}).")
+    t = summary["seconds"]
+    page.text(f"Time: {t['total']:.0f} s (organism {t['organism']:.0f} s, "
+              f"{'built' if org.get('built') else 'reused from the cache'}; "
+              f"localization {t['localize']:.0f} s; training and evaluating every arm and seed "
+              f"{t['compare']:.0f} s).")
     page.text("Arms: " + "; ".join(f"{n}: {_layers(doc['arms'][n])}" for n in names)
               + ". Every arm: the same " + budget["same_for_every_arm"]
               + ("." if budget["equal"] else "; WARNING: the arms did not all run the same "
@@ -109,7 +114,8 @@ def planted_score_figure(loc, selection, commit: int | None):
     fig = score_figure(loc, list(selection.spec.layers))
     if commit:
         fig.add_vline(x=commit - 0.5, line=dict(color="#555", dash="dash"),
-                      annotation_text=f"planted k = {commit}: the question is readable from here")
+                      annotation_text=f"planted k = {commit}: the question is readable from here",
+                      annotation_position="top left")
     return fig
 
 
