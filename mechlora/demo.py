@@ -57,11 +57,19 @@ class DemoConfig:
         return ["auto", "all", f"early:{w}", f"randband:{w}"]
 
     def validate(self) -> DemoConfig:
+        """Refuse bad settings before anything is built or trained."""
+        from mechlora.organism import ORGANISMS, parse_preset
+
         for name in ("window", "seeds", "test_groups", "localize_groups", "pairs_per_group",
                      "steps"):
             if getattr(self, name) < 1:
                 raise MechloraError(f"--{name.replace('_', '-')} must be at least 1, got "
                                     f"{getattr(self, name)}")
+        preset, _ = parse_preset(self.preset, self.seed)
+        if self.window > ORGANISMS[preset]["layers"]:
+            raise MechloraError(f"--window {self.window} is wider than {preset}'s "
+                                f"{ORGANISMS[preset]['layers']} layers")
+        train_config(self).validate()
         return self
 
 

@@ -138,7 +138,12 @@ def test_rerun_refuses_without_overwrite_and_resume_reuses(demo, capsys):
     assert again["arms"] == summary["arms"] and not again["organism"]["built"]
 
 
-def test_bad_settings_are_refused_before_any_work(tmp_path):
-    with pytest.raises(MechloraError, match="--seeds must be at least 1"):
-        run_demo(tmp_path / "x", DemoConfig(seeds=0))
-    assert not (tmp_path / "x").exists()
+@pytest.mark.parametrize("bad, message", [
+    (dict(seeds=0), "--seeds must be at least 1"), (dict(window=9), "wider than organism-mid"),
+    (dict(preset="organism-deep"), "unknown organism preset"), (dict(lr=0), "--lr"),
+    (dict(kl_weight=-1), "--kl-weight")])
+def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, bad, message):
+    monkeypatch.setenv("MECHLORA_HOME", str(tmp_path / "home"))
+    with pytest.raises(MechloraError, match=message):
+        run_demo(tmp_path / "x", DemoConfig(**bad))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "home").exists()

@@ -19,10 +19,12 @@ def write_report(path: str | Path, summary: dict, doc: dict, loc, selection, *,
     planted = org.get("planted") or {}
     names = list(doc["arms"])
     page = Page("mechlora demo: does training the localized layers beat the alternatives?")
+    depth = (f"whose answer position cannot read the question before layer {planted['commit']} "
+             f"(the layers below attend to {planted.get('window')}-token windows)"
+             if planted.get("commit") else "with full attention in every layer (nothing planted)")
     page.text(
-        f"Organism {org['preset']}@{org['seed']}: a Gemma 3 VLM of {loc.n_layers} layers whose "
-        f"answer position cannot read the question before layer {planted.get('commit')} (the "
-        f"layers below attend to {planted.get('window')}-token windows). Every arm trains LoRA "
+        f"Organism {org['preset']}@{org['seed']}: a Gemma 3 VLM of {loc.n_layers} layers "
+        f"{depth}. Every arm trains LoRA "
         f"for {budget['steps']} steps of {budget['pairs_per_step']} pairs on {data['fold']}'s "
         f"training file (train films x {', '.join(data['train_families'])}) with "
         f"{len(doc['seeds'])} training seed(s) ({', '.join(map(str, doc['seeds']))}), and is "
