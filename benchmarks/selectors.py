@@ -38,9 +38,9 @@ COMMAND = "python -m benchmarks.selectors"
 
 def data_for(name: str) -> Path:
     if name == "organism":
-        from mechlora.organism import DATA, build_organism
+        from mechlora.organism import build_organism, load_folds
 
-        return build_organism(progress=False) / DATA["train_pairs"]
+        return next(iter(load_folds(build_organism(progress=False)).values())).train
     if name == "gemma3-270m":
         return ROOT / "analyses" / "data" / "yesno_general.jsonl"
     return EXAMPLE_PATH
