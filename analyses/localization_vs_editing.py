@@ -10,7 +10,8 @@ finished adapter and evaluation; stop it at any time and run the same command ag
 
 Design (fixed before any adapter was trained):
   organisms  PRESETS (planted commit layer k: below k the answer position cannot read the
-             question) and the full-attention control, organism seeds --organism-seeds.
+             question) and the full-attention control; organism seeds ORGANISM_SEEDS
+             (organism-mid at three seeds, the others at seed 0).
   data       the first leave-one-family-out fold of each build: LoRA trains on its training
              file (train films x three paraphrase families), the settings are chosen on its
              validation file (validation films x the validation family), and every arm is scored
@@ -70,6 +71,7 @@ ARMS = "single:2,all,all@match=auto,auto,randband:2"
 ARMS_OTHER = "single:2,all,auto"  # the other organisms (the compute budget, see above)
 SINGLE = "single"  # --single: every single layer on organism-mid@0 too
 SEEDS, SEEDS_OTHER = (1, 2, 3), (1, 2)
+ORGANISM_SEEDS = {"organism-mid": (0, 1, 2)}  # the other presets: seed 0
 DOSE = (0.0, 4.0)  # and RECIPE's kl_weight 1, read from the main comparison of organism-mid
 DOSE_ARMS = "auto,all"
 GRID = dict(lr=(5e-4, 2e-3))
@@ -245,7 +247,7 @@ def part_main(args, out: Path, chosen: dict) -> list[dict]:
 
     rows = []
     for preset in args.presets:
-        for oseed in args.organism_seeds:
+        for oseed in args.organism_seeds or ORGANISM_SEEDS.get(preset, (0,)):
             org = organism_files(preset, oseed, args.quick)
             mid = preset == "organism-mid" and oseed == 0
             arms = args.arms or (ARMS if mid else ARMS_OTHER)
@@ -471,7 +473,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
-    parser.add_argument("--organism-seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--organism-seeds", nargs="+", type=int, default=None,
+                        help="organism seeds for every preset (default: ORGANISM_SEEDS)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="LoRA seeds (default: 1 2 3 on organism-mid, 1 2 elsewhere)")
     parser.add_argument("--arms", default=None, help="arms for every organism (default: see "
@@ -513,7 +516,8 @@ def main(argv: list[str] | None = None) -> dict:
                "design": {"arms": args.arms or {"organism-mid@0": ARMS, "other": ARMS_OTHER},
                           "single": args.single,
                           "seeds": args.seeds or {"organism-mid@0": SEEDS, "other": SEEDS_OTHER},
-                          "organism_seeds": args.organism_seeds, "test_groups": args.test_groups,
+                          "organism_seeds": args.organism_seeds or ORGANISM_SEEDS,
+                          "test_groups": args.test_groups,
                           "recipe": RECIPE, "dose": args.dose, "quick": args.quick},
                "decision_rule": _first_paragraph(best_window.__doc__) + " " +
                _first_paragraph(verdict.__doc__), "search": search,

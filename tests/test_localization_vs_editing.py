@@ -66,7 +66,8 @@ def test_quick_run_summarises_its_comparisons(tmp_path):
     from mechlora.result import LocalizationResult
     from mechlora.select import select_layers
 
-    args = ["--quick", "--parts", "main", "--presets", "organism-mid", "--seeds", "1", "2",
+    args = ["--quick", "--parts", "main", "--presets", "organism-mid", "--organism-seeds", "0",
+            "--seeds", "1", "2",
             "--arms", "single:2,all,all@match=auto,auto", "--out", str(tmp_path)]
     summary = lve.main(args)
     (org,) = summary["organisms"]
