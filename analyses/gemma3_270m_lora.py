@@ -556,10 +556,10 @@ def _ci(m: dict | None, pct: bool = True) -> str:
     return text
 
 
-def _layers(by_seed: dict) -> str:
+def _layers(by_seed: dict, n_layers: int) -> str:
     from mechlora.spec import LayerSpec
 
-    specs = list(dict.fromkeys(str(LayerSpec(tuple(v))) for v in by_seed.values()))
+    specs = list(dict.fromkeys(str(LayerSpec.of(v, n_layers)) for v in by_seed.values()))
     return ", ".join(specs)
 
 
@@ -596,7 +596,7 @@ def tables(summary: dict) -> str:
     for name, a in summary["arms"].items():
         m = a["metrics"]
         params = ", ".join(f"{v:,}" for v in dict.fromkeys(a["trainable_parameters"].values()))
-        lines.append(f"| {name} | {_layers(a['layers'])} | {params} | "
+        lines.append(f"| {name} | {_layers(a['layers'], summary['model']['n_layers'])} | {params} | "
                      f"{_ci(m['original_flip_rate'])} | {_ci(m['pairwise_flip_rate'])} | "
                      f"{_ci(m['accuracy'])} | {_ci(m['margin_diff'], pct=False)} |")
     for against in ("vs_base", "vs_auto"):
