@@ -102,6 +102,9 @@ def test_quick_run_end_to_end_and_resumed(tmp_path):
     auto = summary["selectors"]["localization"][gl.RULE]
     first, last = auto.split("-")
     assert arms["auto"]["layers"]["1"] == list(range(int(first), int(last) + 1))
+    # the docs' tables are rendered from the summary alone
+    md = gl.tables(summary)
+    assert f"| auto | {auto} |" in md and "| all@match=auto |" in md
     # a rerun trains nothing and gives the same numbers
     again = gl.main(argv)
     assert again["timing"]["compare_calls"][-1]["trained"] == 0
