@@ -354,7 +354,7 @@ def step_negation(setup: Setup, subject, result, merge: bool, out: Path) -> dict
         r = mechlora.evaluate(subject, setup.negation, adapters=[p for *_, p in runs],
                               merge_variants=merge, n_boot=setup.n_boot, progress=False,
                               low_choice_mass=LOW_MASS)
-        by_path = {v: k for k, v in r.arms.items() if v is not None}
+        by_path = {str(Path(v).resolve()): k for k, v in r.arms.items() if v is not None}
         positive = {arm: {s: {p.group_id: p.pred for p in preds if p.variant == 0}
                           for s, preds in by_seed.items()}
                     for arm, by_seed in result.predictions.items()}
@@ -366,7 +366,7 @@ def step_negation(setup: Setup, subject, result, merge: bool, out: Path) -> dict
 
         doc = {"base": summarise(r.predictions["base"], positive["base"][None]), "arms": {}}
         for arm, seed, path in runs:
-            entry = summarise(r.predictions[by_path[str(path)]], positive[arm][seed])
+            entry = summarise(r.predictions[by_path[str(path.resolve())]], positive[arm][seed])
             doc["arms"].setdefault(arm, {})[str(seed)] = entry
         for arm, by_seed in doc["arms"].items():
             doc["arms"][arm] = {"per_seed": by_seed, **{
@@ -596,7 +596,8 @@ def tables(summary: dict) -> str:
     for name, a in summary["arms"].items():
         m = a["metrics"]
         params = ", ".join(f"{v:,}" for v in dict.fromkeys(a["trainable_parameters"].values()))
-        lines.append(f"| {name} | {_layers(a['layers'], summary['model']['n_layers'])} | {params} | "
+        layers = _layers(a["layers"], summary["model"]["n_layers"])
+        lines.append(f"| {name} | {layers} | {params} | "
                      f"{_ci(m['original_flip_rate'])} | {_ci(m['pairwise_flip_rate'])} | "
                      f"{_ci(m['accuracy'])} | {_ci(m['margin_diff'], pct=False)} |")
     for against in ("vs_base", "vs_auto"):

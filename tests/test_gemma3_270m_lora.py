@@ -78,10 +78,11 @@ def test_crossing_is_where_the_curve_stays_above():
     assert gl.crossing([0.0, 0.1]) is None
 
 
-def test_quick_run_end_to_end_and_resumed(tmp_path):
-    out = tmp_path / "run"
+def test_quick_run_end_to_end_and_resumed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out, as the default is
+    out = Path("run")
     argv = ["--quick", "--out", str(out), "--seeds", "1", "--arms", "auto,all@match=auto",
-            "--no-negation", "--results", str(tmp_path / "results")]
+            "--results", str(tmp_path / "results")]
     summary = gl.main(argv)
     assert json.loads((tmp_path / "results" / "summary.json").read_text()) == summary
     assert (tmp_path / "results" / "compare.json").is_file()
@@ -102,6 +103,8 @@ def test_quick_run_end_to_end_and_resumed(tmp_path):
     auto = summary["selectors"]["localization"][gl.RULE]
     first, last = auto.split("-")
     assert arms["auto"]["layers"]["1"] == list(range(int(first), int(last) + 1))
+    # the negated wordings were read with every adapter (paths given relative or absolute)
+    assert set(summary["negation"]["arms"]) == {"auto", "all@match=auto"}
     # the docs' tables are rendered from the summary alone
     md = gl.tables(summary)
     assert f"| auto | {auto} |" in md and "| all@match=auto |" in md
