@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,13 +13,9 @@ import torch
 from mechlora.data import load_groups
 from mechlora.models import wrap
 from mechlora.models.presets import tiny_gemma3_text
+from tests.analyses import load_analysis
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("gemma3_270m_data",
-                                               ROOT / "analyses" / "gemma3_270m_data.py")
-gd = importlib.util.module_from_spec(_spec)
-sys.modules["gemma3_270m_data"] = gd  # dataclasses look their module up there
-_spec.loader.exec_module(gd)
+gd = load_analysis("gemma3_270m_data")
 
 
 def _records(path: Path) -> list[dict]:

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from mechlora.errors import MechloraError
 from mechlora.metrics import VariantPrediction
+from tests.analyses import load_analysis
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("gemma3_270m_lora",
-                                               ROOT / "analyses" / "gemma3_270m_lora.py")
-gl = importlib.util.module_from_spec(_spec)
-sys.modules["gemma3_270m_lora"] = gl  # dataclasses look their module up there
-_spec.loader.exec_module(gl)
+gl = load_analysis("gemma3_270m_lora")
 
 
 def _cand(lr, kl, steps, flip, acc, margin=1.0):

@@ -3,19 +3,13 @@ summary agrees with the compare.json and localization it was built from."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("localization_vs_editing",
-                                               ROOT / "analyses" / "localization_vs_editing.py")
-lve = importlib.util.module_from_spec(_spec)
-sys.modules["localization_vs_editing"] = lve
-_spec.loader.exec_module(lve)
+from tests.analyses import load_analysis
+
+lve = load_analysis("localization_vs_editing")
 
 
 def _windows(flips: list[float], accuracies: list[float] | None = None) -> dict:
