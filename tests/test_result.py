@@ -99,6 +99,18 @@ def test_interval_undefined_with_few_groups(tmp_path):
     assert np.isfinite(lo).all() and (lo < hi).all()
 
 
+def test_report_figures_say_when_there_is_no_interval():
+    from mechlora.report.localize import restoration_figure, score_figure
+
+    few = make_result(n_groups=stats.MIN_CLUSTERS - 1, per_group=3)
+    enough = make_result(n_groups=stats.MIN_CLUSTERS, per_group=3)
+    for fig, bands in ((restoration_figure(few), 0), (restoration_figure(enough), 3)):
+        assert sum(t.fill == "toself" for t in fig.data) == bands
+    assert "no interval" in restoration_figure(few).layout.title.text
+    assert "no interval" in score_figure(few).layout.title.text
+    assert "bootstrap" in score_figure(enough).layout.title.text
+
+
 def full_result(n_groups: int = 6, seed: int = 1) -> LocalizationResult:
     """`make_result` with every version-3 field: labels, heads, positions, specs, a gap."""
     from mechlora.effects import SpecEffect, direction_of_id

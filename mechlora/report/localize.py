@@ -10,26 +10,38 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from mechlora import stats
 from mechlora.report.page import Page
 from mechlora.result import LocalizationResult
 
 COLORS = {"resid": "#1f77b4", "attn": "#ff7f0e", "mlp": "#2ca02c"}
 
 
+def interval_note(lo: np.ndarray) -> str:
+    """What a figure's title says about its intervals: they are undefined (all nan) below
+    stats.MIN_CLUSTERS question groups, and then none is drawn."""
+    if np.isnan(lo).all():
+        return f"no interval: fewer than {stats.MIN_CLUSTERS} question groups"
+    return "95% cluster bootstrap CI over question groups"
+
+
 def restoration_figure(result: LocalizationResult) -> go.Figure:
     fig = go.Figure()
     x = np.arange(result.n_layers)
+    note = ""
     for c in result.components:
         mean = result.mean(c)
         lo, hi = result.ci(c)
+        note = interval_note(lo)
         color = COLORS.get(c, "#444")
-        fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]),
-                                 y=np.concatenate([hi, lo[::-1]]), fill="toself",
-                                 fillcolor=color, opacity=0.2, line=dict(width=0),
-                                 hoverinfo="skip", showlegend=False))
+        if not np.isnan(lo).all():
+            fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]),
+                                     y=np.concatenate([hi, lo[::-1]]), fill="toself",
+                                     fillcolor=color, opacity=0.2, line=dict(width=0),
+                                     hoverinfo="skip", showlegend=False))
         fig.add_trace(go.Scatter(x=x, y=mean, mode="lines+markers", name=c,
                                  line=dict(color=color)))
-    fig.update_layout(title="Restoration r per layer (mean over pairs, 95% bootstrap CI)",
+    fig.update_layout(title=f"Restoration r per layer (mean over pairs; {note})",
                       xaxis_title="layer", yaxis_title="restoration r", height=420)
     return fig
 
@@ -42,7 +54,8 @@ def score_figure(result: LocalizationResult, selected: list[int] | None = None) 
         x=np.arange(result.n_layers), y=scores,
         error_y=dict(type="data", symmetric=False, array=hi - scores, arrayminus=scores - lo),
         marker_color=["#d62728" if i in chosen else "#7f7f7f" for i in range(result.n_layers)]))
-    fig.update_layout(title=f"Per-layer score ({result.score_name}); selected layers in red",
+    fig.update_layout(title=f"Per-layer score ({result.score_name}; {interval_note(lo)}); "
+                            "selected layers in red",
                       xaxis_title="layer", yaxis_title="score", height=380)
     return fig
 
