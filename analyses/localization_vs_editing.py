@@ -404,6 +404,21 @@ def markdown(summary: dict) -> str:
                                    if v["ci"] and v["ci"][0] is not None else "")
                                   for src, v in s.items() if src != "width"
                                   and v["rho"] is not None)]
+    for o in summary["organisms"]:
+        lines += ["", f"Every arm of {o['name']}@{o['organism_seed']} (test family "
+                  f"{o['fold']}; mean over seeds [95% interval over seeds and questions]):", "",
+                  "| arm | layers | LoRA parameters | flip | accuracy | margin diff | "
+                  "text-only agreement (gray) | swap sensitivity |", "|---" * 8 + "|",
+                  f"| base | | | {_pct(o['base'][FLIP])} | {_pct(o['base']['accuracy'])} | "
+                  f"{o['base']['margin_diff']['mean']:.2f} | "
+                  f"{_pct(o['base'].get('text_only_agreement_gray'))} | "
+                  f"{_pct(o['base'].get('swap_sensitivity'))} |"]
+        for name, a in o["arms"].items():
+            lines.append(f"| {name} | {_span(a['layers'])} | {a['trainable']:,} | "
+                         f"{_pct(a[FLIP])} | {_pct(a['accuracy'])} | "
+                         f"{a['margin_diff']['mean']:.2f} | "
+                         f"{_pct(a.get('text_only_agreement_gray'))} | "
+                         f"{_pct(a.get('swap_sensitivity'))} |")
     if summary.get("dose"):
         lines += ["", "KL dose-response (organism-mid@0):", "",
                   "| kl_weight | arm | flip | accuracy | margin diff |", "|---|---|---|---|---|"]
