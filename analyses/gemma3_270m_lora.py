@@ -29,9 +29,10 @@ refused: choose another --out, or --overwrite):
   4 compare   mechlora.compare: ARMS x SEEDS (fresh seeds, not the search's) at that one
               budget; base and every adapter on the test file; seed x question statistics.
   5 negation  the base and every adapter on the negated test wordings (answer inverted).
-  6 after     step 2 again, with the first seed's `auto` and `all` adapters on
-              (mechlora.load_model(..., adapter=DIR) + mechlora.localize): before/after curves
-              in OUT/before_after.html.
+  6 after     step 2 again, with the first seed's `auto` and `all` adapters on, on the same
+              pairs and in the base model's units (mechlora.before_after.localize_adapter):
+              the divergence left, where it shrank, before/after curves in
+              OUT/before_after.html.
   7 summary   OUT/summary.json; with --results (default analyses/results/gemma3_270m_lora,
               not in --quick) a copy of summary.json and compare.json there.
 
@@ -391,35 +392,35 @@ def _loc_view(loc) -> dict:
             RULE: str(select_layers(loc.scores, RULE).spec)}
 
 
-def step_after(setup: Setup, result, merge: bool, out: Path) -> dict:
-    """The same localization (same training pairs and settings) with the first seed's `auto`
-    and `all` adapters on: where do the paraphrases' runs still diverge after training?"""
-    import mechlora
+def step_after(setup: Setup, subject, result, merge: bool, loc: dict, out: Path) -> dict:
+    """Step 2's localization again, with the first seed's `auto` and `all` adapters on, in the
+    base model's units (`mechlora.before_after.localize_adapter`: the same pairs, each pair's
+    restoration divided by its base gap): where do the paraphrases' runs still diverge?"""
+    from mechlora.before_after import localize_adapter
     from mechlora.data import make_pairs
     from mechlora.result import LocalizationResult
 
     seed = str(setup.seeds[0])
     runs = {arm: result.out / result.doc["arms"][arm]["seeds"][seed]["folder"]
             for arm in ("auto", "all") if arm in result.doc["arms"]}
+    base = LocalizationResult.load(loc["folder"])
 
     def make() -> dict:
         pairs = make_pairs(setup.train, max_pairs_per_group=setup.pairs_per_group, seed=0)
         doc = {}
         for arm, folder in runs.items():
-            _log(f"after: localizing {len(pairs)} training pairs with {arm} (seed {seed}) on")
+            _log(f"after: localizing {base.n_pairs} training pairs with {arm} (seed {seed}) on")
             t0 = time.perf_counter()
-            subject = mechlora.load_model(setup.model, template=TEMPLATE, adapter=str(folder),
-                                          device="cpu")
-            loc = mechlora.localize(subject, pairs, components=("resid", "attn", "mlp"),
-                                    positions="last", logit_lens=False, merge_variants=merge,
-                                    progress=not setup.quick)
-            loc.save(out / "after" / arm.replace(":", "_"))
-            doc[arm] = {"adapter": str(folder), "seconds": round(time.perf_counter() - t0, 1)}
-            del subject
+            comparison = localize_adapter(subject, pairs, folder, base=base, logit_lens=False,
+                                          merge_variants=merge, progress=not setup.quick)
+            comparison.adapted.save(out / "after" / arm.replace(":", "_"))
+            doc[arm] = {"adapter": str(folder), "seconds": round(time.perf_counter() - t0, 1),
+                        **{k: comparison.summary()[k] for k in
+                           ("remaining", "shrank_at", "test", "verdict", "units")}}
         return {"seed": int(seed), "arms": doc}
 
     key = {"train": _data_hash(setup.train), "merge_variants": merge, "seed": seed,
-           "pairs_per_group": setup.pairs_per_group,
+           "pairs_per_group": setup.pairs_per_group, "units": "base",
            "adapters": {a: _sha(f / "adapter_model.safetensors") for a, f in runs.items()}}
     doc = _cached(out / "after.json", key, make)
     for arm in doc["arms"]:
@@ -631,10 +632,17 @@ def tables(summary: dict) -> str:
             lines.append(f"| {name} | {_pct(a['accuracy'])} | "
                          f"{_pct(a['same_answer_as_positive'])} |")
     curves = {"base": summary["localization"], **(summary.get("after") or {}).get("arms", {})}
-    lines += ["", "| localization (training pairs) | pairs kept | resid r crosses 0.5 at layer | "
-              f"{RULE} on the increments | resid r by layer |", "|---|---|---|---|---|"]
+    lines += ["", "| localization (training pairs; base units) | pairs | divergence left | "
+              "score dropped at | resid r crosses 0.5 at layer | "
+              f"{RULE} on the increments | resid r by layer |", "|---|---|---|---|---|---|---|"]
     for name, c in curves.items():
-        lines.append(f"| {name} | {c['n_pairs']} | {c['resid_crosses_half']} | {c[RULE]} | "
+        left = c.get("remaining")
+        left = ("100%" if not left else f"{left['mean']:.0%}" + (
+            f" [{left['ci_low']:.0%}, {left['ci_high']:.0%}]"
+            if left.get("ci_low") is not None else ""))
+        dropped = ", ".join(map(str, c["shrank_at"])) if "shrank_at" in c else ""
+        lines.append(f"| {name} | {c['n_pairs']} | {left} | {dropped or '-'} | "
+                     f"{c['resid_crosses_half']} | {c[RULE]} | "
                      + " ".join(f"{v:.2f}" for v in c["resid_mean"]) + " |")
     lines += ["", "| selector | " + RULE + " |", "|---|---|"]
     lines += [f"| {k} | {v[RULE]} |" for k, v in summary["selectors"].items()]
@@ -709,7 +717,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     negation = None if args.no_negation else step_negation(setup, subject, result, merge, out)
     after = None
     if not args.no_after:
-        after = step_after(setup, result, merge, out)
+        after = step_after(setup, subject, result, merge, loc, out)
         plot_before_after(loc, after, out / "before_after.html")
     summary = summarise(setup, reading, loc, search, result, calls, negation, after,
                         time.perf_counter() - t0, argv)
@@ -750,7 +758,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and exit (no model)")
     args = p.parse_args(argv)
     if args.out is None:
-        args.out = "runs/analyses/gemma3_270m_lora" + ("_quick" if args.quick else "")
+        name = "gemma3_270m_lora" + ("_quick" if args.quick else "")
+        args.out = str(ROOT / "runs" / "analyses" / name)
     return args
 
 

@@ -63,6 +63,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mechlora.errors import MechloraError
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SCHEMA_VERSION = 1
@@ -84,7 +86,7 @@ ACCURACY_DROP, FLIP_TIE = 0.02, 0.01  # the settings rule
 ACCURACY_SLACK = 0.05  # the decision rule: a window may not win by losing accuracy
 FLIP = "original_flip_rate"
 METRICS = (FLIP, "accuracy", "margin_diff", "text_only_agreement_gray", "swap_sensitivity")
-PARTS = ("search", "main", "dose")
+PARTS = ("main", "dose")  # the settings search runs first in every call (cached)
 
 
 # ---- rules ------------------------------------------------------------------------------------
@@ -129,11 +131,14 @@ def best_window(windows: dict[str, dict], base_accuracy: float) -> dict[str, Any
 
 def verdict(organisms: list[dict]) -> dict[str, Any]:
     """The decision rule over every measured organism: {"verdict", "why", "per_organism"}."""
+    def key(o: dict) -> str:
+        return f"{o['name']}@{o['organism_seed']}"
+
     planted = [o for o in organisms if o["k"] > 0]
-    per = {o["name"]: {"k": o["k"], "best_start": o["best"]["start"],
-                       "within_one_of_k": abs(o["best"]["start"] - o["k"]) <= 1,
-                       "best_is_0_1": o["best"]["layers"] == [0, 1]} for o in organisms}
-    if planted and all(per[o["name"]]["within_one_of_k"] for o in planted):
+    per = {key(o): {"k": o["k"], "best_start": o["best"]["start"],
+                    "within_one_of_k": abs(o["best"]["start"] - o["k"]) <= 1,
+                    "best_is_0_1": o["best"]["layers"] == [0, 1]} for o in organisms}
+    if planted and all(per[key(o)]["within_one_of_k"] for o in planted):
         v, why = "tracks k", "in every planted organism the best window starts within one of k"
     elif organisms and all(p["best_is_0_1"] for p in per.values()):
         v, why = "early wins", "the best window is 0-1 in every organism"
@@ -149,12 +154,10 @@ def matched_test(doc: dict) -> dict[str, Any] | None:
     arms = doc["arms"]
     if "auto" not in arms or "all@match=auto" not in arms:
         return None
-    ref = doc["reference"]
-    if ref == "auto":
-        t = arms["all@match=auto"]["vs_reference"][FLIP]
-        diff, ci = -t["diff"], [-t["ci"][1], -t["ci"][0]] if t["ci"][0] is not None else t["ci"]
-    else:
+    if doc["reference"] != "auto":  # every comparison here is made with reference="auto"
         return None
+    t = arms["all@match=auto"]["vs_reference"][FLIP]
+    diff, ci = -t["diff"], [-t["ci"][1], -t["ci"][0]] if t["ci"][0] is not None else t["ci"]
     lo, hi = ci
     call = ("undefined" if lo is None else "auto better" if hi < 0 else
             "auto worse" if lo > 0 else "no difference detected")
@@ -186,6 +189,12 @@ def localization(org: dict, folder: Path) -> Path:
     from mechlora.models import load_model
 
     if (folder / "localization.json").is_file():
+        from mechlora.result import LocalizationResult
+
+        made_on = LocalizationResult.load(folder).model
+        if made_on != str(org["path"]):
+            raise MechloraError(f"{folder} localizes {made_on}, not {org['path']}; choose "
+                                "another --out")
         return folder
     groups = load_groups(org["fold"].train)[:LOCALIZE_GROUPS]
     pairs = make_pairs(groups, max_pairs_per_group=6, seed=0)
@@ -210,9 +219,16 @@ def part_search(args, out: Path) -> dict:
     from mechlora.train import train_arm
 
     path = out / "search.json"
-    if path.is_file():
-        return read_json(path)
     org = organism_files("organism-mid", 0, args.quick)
+    key = {"organism": str(org["path"]), "grid": list(args.grid), "steps": args.steps,
+           "check_every": args.check_every, "validation_groups": args.validation_groups,
+           "recipe": RECIPE}
+    if path.is_file():
+        doc = read_json(path)
+        if doc.get("key") != key:
+            raise MechloraError(f"{path} was made with other settings ({doc.get('key')}); "
+                                "choose another --out")
+        return doc
     validation = load_groups(org["fold"].validation)[:args.validation_groups]
     runs, base = [], None
     for lr in args.grid:
@@ -232,7 +248,8 @@ def part_search(args, out: Path) -> dict:
     chosen = choose_setting(base, runs)
     replaced = first_rule(base, runs)
     _log(f"search: lr {chosen['lr']:g}, {chosen['steps']} steps ({chosen['why']})")
-    doc = {"organism": "organism-mid@0", "fold": org["fold"].name, "arm": "all", "seed": 0,
+    doc = {"key": key, "organism": "organism-mid@0", "fold": org["fold"].name, "arm": "all",
+           "seed": 0,
            "validation_groups": len(validation), "base": base, "checks": runs,
            "chosen": chosen, "rule": _first_paragraph(choose_setting.__doc__),
            "first_rule": {"rule": _first_paragraph(first_rule.__doc__), "would_choose": replaced}}
@@ -505,6 +522,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true",
                         help="quick organisms, 2 steps, a few questions: a smoke test")
     args = parser.parse_args(argv)
+    if args.arms is not None:
+        names = [a.strip() for a in args.arms.split(",")]
+        if "auto" not in names or "single:2" not in names:
+            raise MechloraError(f"--arms {args.arms}: the summary needs `auto` and `single:2` "
+                                "(the windows it ranks); add them")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -552,4 +574,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MechloraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -27,8 +27,9 @@ def test_best_window_may_not_win_by_losing_accuracy():
     assert lve.best_window(_windows([0.3, 0.1], [0.1, 0.1]), 0.9)["arm"] == "1-2"
 
 
-def _organism(name: str, k: int, start: int) -> dict:
-    return {"name": name, "k": k, "best": {"start": start, "layers": [start, start + 1]}}
+def _organism(name: str, k: int, start: int, seed: int = 0) -> dict:
+    return {"name": name, "organism_seed": seed, "k": k,
+            "best": {"start": start, "layers": [start, start + 1]}}
 
 
 @pytest.mark.parametrize("organisms,expected", [
@@ -36,6 +37,8 @@ def _organism(name: str, k: int, start: int) -> dict:
     ([_organism("mid", 4, 0), _organism("late", 6, 0), _organism("full", 0, 0)], "early wins"),
     ([_organism("mid", 4, 4), _organism("late", 6, 0), _organism("full", 0, 0)], "neither"),
     ([_organism("full", 0, 0)], "undecided"),
+    # every organism seed counts: one seed at 0-1 is enough to refute "tracks k"
+    ([_organism("mid", 4, 0, seed=0), _organism("mid", 4, 4, seed=1)], "neither"),
 ])
 def test_verdict_applies_the_stated_rule(organisms, expected):
     assert lve.verdict(organisms)["verdict"] == expected
@@ -54,6 +57,15 @@ def test_choose_setting_weighs_flips_removed_against_accuracy_lost():
     assert lve.choose_setting(base, [dict(lr=1, steps=1, flip_rate=0.2, accuracy=0.99),
                                      dict(lr=2, steps=1, flip_rate=0.1, accuracy=0.8)])["lr"] == 2
     assert lve.first_rule(base, checks)["steps"] == 40
+
+
+def test_arms_without_the_windows_or_auto_are_refused_before_any_work(tmp_path):
+    from mechlora.errors import MechloraError
+
+    for arms in ("all,auto", "single:2,all"):
+        with pytest.raises(MechloraError, match="needs `auto` and `single:2`"):
+            lve.main(["--quick", "--arms", arms, "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
 
 
 def test_quick_run_summarises_its_comparisons(tmp_path):
