@@ -26,18 +26,20 @@ Design (fixed before any adapter was trained):
              little training for 2-layer windows to differ. It was replaced by the net-gain
              rule after the validation checks and before any test number was computed; both
              picks are in search.json.
-  arms       organism-mid: every width-2 window (`single:2`), all layers, all layers at the
-             parameter count of `auto` (`all@match=auto`), `auto` (localization, window:2) and
-             a random band (`randband:2`), SEEDS LoRA seeds; the other organisms: ARMS_OTHER,
-             SEEDS_OTHER seeds. The same budget for every arm (compare.json `budget`). The
-             windows' flip reductions give the Spearman test of each selector's scores (width
-             2); `--single` adds every single layer on organism-mid (width 1).
+  arms       organism-mid@0: every width-2 window (`single:2`), every single layer
+             (`single`), all layers, all layers at the parameter count of `auto`
+             (`all@match=auto`), `auto` (localization, window:2) and a random band
+             (`randband:2`); every other organism and organism seed: ARMS_OTHER. SEEDS LoRA
+             seeds everywhere, the same budget for every arm (compare.json `budget`). The
+             windows' and single layers' flip reductions give the Spearman test of each
+             selector's scores (widths 2 and 1).
   dose       organism-mid, `auto` and `all`, kl_weight 0 (CE only: the control) and 4 beside
              the main comparison's 1, SEEDS seeds: a flip-vs-accuracy front.
-  cut        The full design (every organism with all arms, single layers and 3 seeds, five KL
-             weights, three organism seeds) is about 300 trainings; on the shared 2-core
-             machine one training and its evaluation took 40-80 s, so the defaults above were
-             cut to fit about two hours. Organism seeds 1-2 are not compared.
+  cut        The full design (every organism and organism seed with every arm and single
+             layer, five KL weights) is about 400 trainings; on the shared 2-core machine one
+             training and its evaluation took 20-80 s, so the matched and random arms and the
+             single layers run on organism-mid@0 only, the KL weights are 0, 1 and 4, and only
+             organism-mid has three organism seeds.
 
 Decision rule (stated before running; `verdict` applies it):
   For each organism the best window is the width-2 window with the lowest mean held-out flip
@@ -69,10 +71,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SCHEMA_VERSION = 1
 PRESETS = ("organism-mid", "organism-full", "organism-late", "organism-early", "organism-w3")
-ARMS = "single:2,all,all@match=auto,auto,randband:2"
-ARMS_OTHER = "single:2,all,auto"  # the other organisms (the compute budget, see above)
-SINGLE = "single"  # --single: every single layer on organism-mid@0 too
-SEEDS, SEEDS_OTHER = (1, 2, 3), (1, 2)
+ARMS = "single:2,all,all@match=auto,auto,randband:2,single"  # organism-mid@0
+ARMS_OTHER = "single:2,all,auto"  # every other organism (the compute budget, see above)
+SEEDS = (1, 2, 3)
 ORGANISM_SEEDS = {"organism-mid": (0, 1, 2)}  # the other presets: seed 0
 DOSE = (0.0, 4.0)  # and RECIPE's kl_weight 1, read from the main comparison of organism-mid
 DOSE_ARMS = "auto,all"
@@ -268,8 +269,7 @@ def part_main(args, out: Path, chosen: dict) -> list[dict]:
             org = organism_files(preset, oseed, args.quick)
             mid = preset == "organism-mid" and oseed == 0
             arms = args.arms or (ARMS if mid else ARMS_OTHER)
-            arms += f",{SINGLE}" if mid and args.single else ""
-            seeds = args.seeds or (SEEDS if mid else SEEDS_OTHER)
+            seeds = args.seeds or SEEDS
             test = load_groups(org["fold"].test)[:args.test_groups]
             loc = localization(org, out / "localization" / f"{preset}-seed{oseed}")
             _log(f"main: {preset}@{oseed} (k={org['k']}): arms {arms}; seeds {list(seeds)}")
@@ -508,11 +508,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--organism-seeds", nargs="+", type=int, default=None,
                         help="organism seeds for every preset (default: ORGANISM_SEEDS)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
-                        help="LoRA seeds (default: 1 2 3 on organism-mid, 1 2 elsewhere)")
+                        help="LoRA seeds (default: 1 2 3)")
     parser.add_argument("--arms", default=None, help="arms for every organism (default: see "
                         "the docstring)")
-    parser.add_argument("--single", action="store_true",
-                        help="also every single layer on organism-mid@0")
     parser.add_argument("--dose", nargs="+", type=float, default=list(DOSE))
     parser.add_argument("--out", type=Path, default=None,
                         help="working folder (default runs/analyses/localization_vs_editing)")
@@ -551,8 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
                "command": "python analyses/localization_vs_editing.py " + " ".join(
                    sys.argv[1:] if argv is None else argv),
                "design": {"arms": args.arms or {"organism-mid@0": ARMS, "other": ARMS_OTHER},
-                          "single": args.single,
-                          "seeds": args.seeds or {"organism-mid@0": SEEDS, "other": SEEDS_OTHER},
+                          "seeds": args.seeds or SEEDS,
                           "organism_seeds": args.organism_seeds or ORGANISM_SEEDS,
                           "test_groups": args.test_groups,
                           "recipe": RECIPE, "dose": args.dose, "quick": args.quick},
