@@ -199,3 +199,21 @@ def test_spec_options_are_checked(tiny_text):
     assert parse_specs(["none"], 6) == ([], False) and parse_specs(" None ", 6) == ([], False)
     with pytest.raises(MechloraError, match=r"cannot come with other specs \(2-3\)"):
         parse_specs(["none", "2-3"], 6)
+
+
+def test_a_bad_rule_or_group_key_fails_before_any_model_work(tiny_text, monkeypatch):
+    """`auto` selects only after the sweep, and `by` splits only after it: both are checked
+    first, so a typo costs nothing (the sweep here would fail the test)."""
+    import sys
+
+    def no_sweep(*args, **kw):
+        raise AssertionError("the sweep ran")
+
+    monkeypatch.setattr(sys.modules["mechlora.localize"], "run_sweep", no_sweep)
+    with pytest.raises(MechloraError, match="unknown layer-selection rule 'windw:5'"):
+        localize(tiny_text, planted_groups(), specs=["auto"], rule="windw:5", **KW)
+    with pytest.raises(MechloraError, match="window:9 asks for more layers than the model's 6"):
+        localize(tiny_text, planted_groups(), specs=["auto"], rule="window:9",
+                 adapter="/nonexistent/adapter", **KW)
+    with pytest.raises(MechloraError, match="cannot split a localization by 'typ'; use type"):
+        localize(tiny_text, planted_groups(), by="typ", **KW)
