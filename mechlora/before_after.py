@@ -11,7 +11,8 @@ written before and no longer is.
 
 `compare_localizations(base, adapted, trained_layers)` returns a `LocalizationComparison`
 (means, intervals over question groups, a verdict: shrank at the trained layers, elsewhere,
-or nowhere); `localize_adapter` does both runs' second half in one call.
+or nowhere); `localize_adapter` does both runs' second half in one call. `check_comparable`
+refuses a base and an adapted run that measure different things.
 """
 
 from __future__ import annotations
@@ -57,6 +58,23 @@ def adapted(subject: Subject, adapter: str | Path) -> Iterator[Subject]:
         model.unload()
 
 
+def check_comparable(base: LocalizationResult, n_layers: int, components: Sequence[str],
+                     choice_reading: str | None, what: str = "the adapted run") -> None:
+    """Refuse comparing a base localization with a run that measures something else: another
+    layer count (another model), other components, another choice reading (each is compared
+    only where both record it)."""
+    theirs = base.settings.get("choice_reading")
+    for name, b, a in (("layers", base.n_layers, n_layers),
+                       ("components", ",".join(sorted(base.components)),
+                        ",".join(sorted(components))),
+                       ("choice reading", theirs, choice_reading if theirs else None)):
+        if b != a:
+            raise MechloraError(
+                f"cannot compare with the baseline ({base.model}): {name} {b} there, {a} in "
+                f"{what}; localize both with the same model, components and "
+                "choice reading (merge_variants)")
+
+
 def adapted_layers(subject: Subject) -> tuple[int, ...]:
     """The decoder layers holding any LoRA module (empty for a plain model)."""
     return tuple(i for i, layer in enumerate(subject.layers)
@@ -73,6 +91,9 @@ class LocalizationComparison:
     adapter: str | None = None
 
     def __post_init__(self) -> None:
+        check_comparable(self.base, self.adapted.n_layers, self.adapted.components,
+                         self.adapted.settings.get("choice_reading"),
+                         f"the adapted localization ({self.adapted.model})")
         if self.adapted.gap is None:
             raise MechloraError("the adapted localization was not run against this baseline; "
                                 "localize it with baseline=<the base result>")
@@ -178,13 +199,14 @@ def compare_localizations(base: LocalizationResult | str | Path,
 
 def localize_adapter(subject: Subject, pairs, adapter: str | Path,
                      base: LocalizationResult | str | Path, **kw) -> LocalizationComparison:
-    """Localize `subject` with `adapter` applied on `base`'s pairs (same positions and
-    components unless given) and compare; `mechlora compare` attaches this per arm."""
+    """Localize `subject` with `adapter` applied on `base`'s pairs (same positions, components
+    and choice reading unless given) and compare; `mechlora compare` attaches this per arm."""
     from mechlora.localize import localize
 
     base = base if isinstance(base, LocalizationResult) else LocalizationResult.load(base)
     kw.setdefault("components", base.components)
     kw.setdefault("positions", base.positions)
     kw.setdefault("heads", base.heads is not None)
+    kw.setdefault("merge_variants", base.settings.get("choice_reading") == "merged")
     adapted_result = localize(subject, pairs, adapter=adapter, baseline=base, **kw)
     return compare_localizations(base, adapted_result)

@@ -294,7 +294,7 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     if auto and "resid" not in comps and not {"attn", "mlp"} & set(comps):
         raise MechloraError("spec 'auto' selects from this run's scores: patch resid, attn "
                             "or mlp too")
-    base, keep = _baseline(baseline, pairs, positions)
+    base, keep = _baseline(baseline, pairs, positions, subject.n_layers, comps, merge_variants)
     plan = plan_for(subject, comps, heads=heads, per_position=per_position, specs=explicit)
     kw = dict(components=comps, positions=positions, engine=engine, only_flips=only_flips,
               min_delta=min_delta, max_rows=max_rows, max_bytes=max_bytes, n_boot=n_boot,
@@ -317,12 +317,17 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     return result
 
 
-def _baseline(baseline, pairs: Sequence[Pair], positions: str):
+def _baseline(baseline, pairs: Sequence[Pair], positions: str, n_layers: int,
+              components: Sequence[str], merge_variants: bool):
     """The baseline result and its pairs' gaps (pair id -> m(a) - m(b)), or (None, None)."""
     if baseline is None:
         return None, None
+    from mechlora.before_after import check_comparable
+
     base = baseline if isinstance(baseline, LocalizationResult) \
         else LocalizationResult.load(baseline)
+    check_comparable(base, n_layers, components, "merged" if merge_variants else "first",
+                     "this run")
     if base.positions != positions:
         raise MechloraError(f"the baseline was localized at positions '{base.positions}', "
                             f"not '{positions}': use the same positions to compare")

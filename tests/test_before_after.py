@@ -169,3 +169,33 @@ def test_float_noise_is_not_a_shrink(planted):
     comparison = compare_localizations(base, same)
     assert comparison.shrank_at() == ([], "interval")
     assert "shrank nowhere" in comparison.verdict()
+
+
+def test_a_baseline_of_another_model_components_or_reading_is_refused(planted, tmp_path):
+    """Base and adapted runs must measure the same layers, components and choice reading:
+    else the comparison subtracts arrays of other shapes or other units."""
+    import dataclasses
+
+    from mechlora.compare.localize_arms import localize_run
+
+    base = localize(planted, more_groups(), components=["resid", "mlp"], **KW)
+    assert base.settings["choice_reading"] == "first"
+    other = dataclasses.replace(base, n_layers=7, model="other")
+    with pytest.raises(MechloraError, match=r"baseline \(other\): layers 7 there, 5 in this run"):
+        localize(planted, more_groups(), baseline=other, components=["resid", "mlp"], **KW)
+    with pytest.raises(MechloraError, match="components mlp,resid there, resid in this run"):
+        localize(planted, more_groups(), baseline=base, components=["resid"], **KW)
+    with pytest.raises(MechloraError, match="choice reading first there, merged in this run"):
+        localize(planted, more_groups(), baseline=base, components=["resid", "mlp"],
+                 merge_variants=True, **KW)
+    with pytest.raises(MechloraError, match="choice reading first there, merged in this comp"):
+        localize_run(planted, more_groups(), base, tmp_path, "sha", merge_variants=True,
+                     progress=False)
+    after = localize(planted, more_groups(), baseline=base, components=["resid", "mlp"], **KW)
+    compare_localizations(base, after)  # the same setup compares
+    fewer = dataclasses.replace(after, components=("resid",),
+                                restoration={"resid": after.restoration["resid"]})
+    with pytest.raises(MechloraError, match="components mlp,resid there, resid in the adapted"):
+        compare_localizations(base, fewer)
+    with pytest.raises(MechloraError, match="layers 7 there, 5 in the adapted localization"):
+        compare_localizations(other, after)
