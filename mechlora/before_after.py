@@ -49,13 +49,33 @@ def adapted(subject: Subject, adapter: str | Path) -> Iterator[Subject]:
     if isinstance(subject.model, PeftModel):
         raise MechloraError(f"{subject.name} already carries a PEFT adapter: localize it as it "
                             "is (no adapter argument), or pass the base model")
-    model = PeftModel.from_pretrained(subject.model, str(path)).eval()
+    try:
+        model = PeftModel.from_pretrained(subject.model, str(path)).eval()
+    except BaseException as e:
+        _remove_lora(subject.model)  # PEFT injects LoRA before it loads (and fails on) weights
+        if isinstance(e, (RuntimeError, ValueError)):
+            detail = " ".join(str(e).split())[:300]
+            raise MechloraError(f"the adapter {path} does not fit this model ({subject.name}): "
+                                f"{detail}; pass the adapter trained on this base model") from e
+        raise
     try:
         # LoRA may reach the vision tower too: never reuse cached image features here.
         yield dataclasses.replace(subject, model=model, feature_cache=None,
                                   name=f"{subject.name}+{path.name}")
     finally:
         model.unload()
+
+
+def _remove_lora(model) -> None:
+    """Put back every module that LoRA wrapped, and drop PEFT's config attribute."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
 
 
 def check_comparable(base: LocalizationResult, n_layers: int, components: Sequence[str],
