@@ -11,7 +11,8 @@ written before and no longer is.
 
 `compare_localizations(base, adapted, trained_layers)` returns a `LocalizationComparison`
 (means, intervals over question groups, a verdict: shrank at the trained layers, elsewhere,
-or nowhere); `localize_adapter` does both runs' second half in one call.
+or nowhere); `localize_adapter` does both runs' second half in one call. `check_comparable`
+refuses a base and an adapted run that measure different things.
 """
 
 from __future__ import annotations
@@ -48,13 +49,50 @@ def adapted(subject: Subject, adapter: str | Path) -> Iterator[Subject]:
     if isinstance(subject.model, PeftModel):
         raise MechloraError(f"{subject.name} already carries a PEFT adapter: localize it as it "
                             "is (no adapter argument), or pass the base model")
-    model = PeftModel.from_pretrained(subject.model, str(path)).eval()
+    try:
+        model = PeftModel.from_pretrained(subject.model, str(path)).eval()
+    except BaseException as e:
+        _remove_lora(subject.model)  # PEFT injects LoRA before it loads (and fails on) weights
+        if isinstance(e, (RuntimeError, ValueError)):
+            detail = " ".join(str(e).split())[:300]
+            raise MechloraError(f"the adapter {path} does not fit this model ({subject.name}): "
+                                f"{detail}; pass the adapter trained on this base model") from e
+        raise
     try:
         # LoRA may reach the vision tower too: never reuse cached image features here.
         yield dataclasses.replace(subject, model=model, feature_cache=None,
                                   name=f"{subject.name}+{path.name}")
     finally:
         model.unload()
+
+
+def _remove_lora(model) -> None:
+    """Put back every module that LoRA wrapped, and drop PEFT's config attribute."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+
+
+def check_comparable(base: LocalizationResult, n_layers: int, components: Sequence[str],
+                     choice_reading: str | None, what: str = "the adapted run") -> None:
+    """Refuse comparing a base localization with a run that measures something else: another
+    layer count (another model), other components, another choice reading (each is compared
+    only where both record it)."""
+    theirs = base.settings.get("choice_reading")
+    for name, b, a in (("layers", base.n_layers, n_layers),
+                       ("components", ",".join(sorted(base.components)),
+                        ",".join(sorted(components))),
+                       ("choice reading", theirs, choice_reading if theirs else None)):
+        if b != a:
+            raise MechloraError(
+                f"cannot compare with the baseline ({base.model}): {name} {b} there, {a} in "
+                f"{what}; localize both with the same model, components and "
+                "choice reading (merge_variants)")
 
 
 def adapted_layers(subject: Subject) -> tuple[int, ...]:
@@ -73,6 +111,9 @@ class LocalizationComparison:
     adapter: str | None = None
 
     def __post_init__(self) -> None:
+        check_comparable(self.base, self.adapted.n_layers, self.adapted.components,
+                         self.adapted.settings.get("choice_reading"),
+                         f"the adapted localization ({self.adapted.model})")
         if self.adapted.gap is None:
             raise MechloraError("the adapted localization was not run against this baseline; "
                                 "localize it with baseline=<the base result>")
@@ -178,13 +219,14 @@ def compare_localizations(base: LocalizationResult | str | Path,
 
 def localize_adapter(subject: Subject, pairs, adapter: str | Path,
                      base: LocalizationResult | str | Path, **kw) -> LocalizationComparison:
-    """Localize `subject` with `adapter` applied on `base`'s pairs (same positions and
-    components unless given) and compare; `mechlora compare` attaches this per arm."""
+    """Localize `subject` with `adapter` applied on `base`'s pairs (same positions, components
+    and choice reading unless given) and compare; `mechlora compare` attaches this per arm."""
     from mechlora.localize import localize
 
     base = base if isinstance(base, LocalizationResult) else LocalizationResult.load(base)
     kw.setdefault("components", base.components)
     kw.setdefault("positions", base.positions)
     kw.setdefault("heads", base.heads is not None)
+    kw.setdefault("merge_variants", base.settings.get("choice_reading") == "merged")
     adapted_result = localize(subject, pairs, adapter=adapter, baseline=base, **kw)
     return compare_localizations(base, adapted_result)

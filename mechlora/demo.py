@@ -35,7 +35,7 @@ SETTINGS = "settings.json"  # the DemoConfig a resumed demo must match
 @dataclass
 class DemoConfig:
     preset: str = "organism-mid"  # the organism (docs/organism.md)
-    seed: int = 0                 # organism seed; the training seeds start at it
+    seed: int | None = None       # organism and first training seed (None: preset's @SEED or 0)
     window: int = 2               # width of auto's window, the early window and the random band
     seeds: int = 2                # training seeds per arm
     test_groups: int = 200        # first N question groups of the fold's test file (time)
@@ -50,6 +50,11 @@ class DemoConfig:
     rebuild: bool = False
     quick: bool = False           # a reduced organism that trains in seconds (tests)
 
+    def __post_init__(self) -> None:
+        if self.seed is None:  # a bad preset is refused by validate
+            tail = str(self.preset).partition("@")[2]
+            self.seed = int(tail) if tail.isdigit() else 0
+
     @property
     def arms(self) -> list[str]:
         """The arms compared: localized, every layer, the first layers, a random band."""
@@ -63,7 +68,7 @@ class DemoConfig:
         for name in ("window", "seeds", "test_groups", "localize_groups", "pairs_per_group",
                      "steps"):
             if getattr(self, name) < 1:
-                raise MechloraError(f"--{name.replace('_', '-')} must be at least 1, got "
+                raise MechloraError(f"{_option(name)} must be at least 1, got "
                                     f"{getattr(self, name)}")
         preset, _ = parse_preset(self.preset, self.seed)
         if self.window > ORGANISMS[preset]["layers"]:
@@ -71,6 +76,14 @@ class DemoConfig:
                                 f"{ORGANISMS[preset]['layers']} layers")
         train_config(self).validate()
         return self
+
+
+CLI_OPTIONS = ("window", "seeds", "test_groups", "steps")  # the fields `mechlora demo` sets
+
+
+def _option(name: str) -> str:
+    """How a user set the field: its `mechlora demo` option, else the DemoConfig field."""
+    return f"--{name.replace('_', '-')}" if name in CLI_OPTIONS else f"DemoConfig.{name}"
 
 
 @dataclass
@@ -154,6 +167,10 @@ def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig | None = None, *,
     if overwrite and resume:
         raise MechloraError("--overwrite and --resume exclude each other: --resume continues "
                             "the demo in --out, --overwrite replaces it")
+    if resume and cfg.rebuild:
+        raise MechloraError("--rebuild and --resume exclude each other: the demo in --out "
+                            "localized and trained on the organism that --rebuild replaces; "
+                            "pass --overwrite with --rebuild, or --resume alone")
     settings = dataclasses.asdict(cfg)
     out = Path(out)
     if not (resume or overwrite) and (out / SETTINGS).is_file():
@@ -173,7 +190,8 @@ def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig | None = None, *,
     torch.set_num_threads(1)
     try:
         t0 = time.perf_counter()
-        log(f"1/4 model organism {cfg.preset}@{cfg.seed}: build it, or reuse the cached one")
+        log(f"1/4 model organism {cfg.preset.partition('@')[0]}@{cfg.seed}: build it, or "
+            "reuse the cached one")
         org = organism(cfg, progress)
         t_org = time.perf_counter()
         log(f"    {org.path}")

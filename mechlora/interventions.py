@@ -85,16 +85,20 @@ def add_auto_specs(result, subject, pairs, rule: str, *, progress: bool, **kw) -
                                                                       f"auto ({rule})")]),
                                keep=dict(zip(result.pair_ids, gaps.tolist())),
                                progress=progress, **{**kw, "components": ()})
-            assert second.pair_ids == result.pair_ids
+            if second.pair_ids != result.pair_ids:  # kept by their base gaps: all must stay
+                raise MechloraError(
+                    f"the auto spec's pass kept {second.n_pairs} pairs, the per-layer sweep "
+                    f"{result.n_pairs}: the specs cannot be reported beside the sweep; "
+                    "please report this with the command that ran")
             result.specs.insert(0, second.specs[0])
     else:
         note = "auto: no pairs kept, nothing to select from"
     if note:
         result.settings["spec_note"] = note
-    cover(result, rule)
+    cover(result)
 
 
-def cover(result, rule: str | None = None) -> None:
+def cover(result) -> None:
     """Set each spec's share of the positive per-layer score (None without one)."""
     from mechlora.select import select_layers
 
@@ -129,7 +133,8 @@ def spec_effect(subject, pairs, spec: str | LayerSpec, *, rule: str = "window:5"
 def localization_folder(path: str | Path, selection=None) -> Path | None:
     """The localization folder behind `mechlora select`'s SOURCE: a localization folder (or
     its localization.json), a training run's `localization/`, or the folder a saved
-    selection's localization scores came from; None when there is none."""
+    selection's localization scores came from (a relative path is looked for beside the
+    selection file, then in the working directory); None when there is none."""
     path = Path(path)
     folder = path.parent if path.is_file() else path
     for candidate in (folder, folder / "localization"):
@@ -138,7 +143,11 @@ def localization_folder(path: str | Path, selection=None) -> Path | None:
     scores = getattr(selection, "scores", None)
     where = (scores.settings.get("path") if scores is not None
              and scores.source == "localization" else None)
-    return Path(where) if where and (Path(where) / "localization.json").is_file() else None
+    if where:
+        for candidate in (folder / where, Path(where)):  # folder / an absolute path = the path
+            if (candidate / "localization.json").is_file():
+                return candidate
+    return None
 
 
 def measured_effect(folder: str | Path, spec: LayerSpec) -> SpecEffect | None:

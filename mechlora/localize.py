@@ -25,7 +25,8 @@ from mechlora.models.family import bidirectional
 from mechlora.models.subject import Subject
 from mechlora.patching import Prefix, cached_valid, choice_head, margin, run_prefix
 from mechlora.probes import COMPONENTS, Site, all_sites, record
-from mechlora.result import LocalizationResult, merge_results
+from mechlora.result import GROUP_KEYS, LocalizationResult, merge_results
+from mechlora.select import select_layers
 from mechlora.spec import LayerSpec
 
 
@@ -244,6 +245,8 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
 
     subject = as_subject(subject)
     check_limits(min_delta=min_delta, max_rows=max_rows, max_bytes=max_bytes)
+    if by is not None and by not in GROUP_KEYS:
+        raise MechloraError(f"cannot split a localization by '{by}'; use {', '.join(GROUP_KEYS)}")
     comps, want_heads = parse_components(components)
     heads = heads or want_heads
     if engine == "attribution":
@@ -259,6 +262,10 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
         raise MechloraError("verify_top checks engine='attribution' against exact patching; "
                             "use it with that engine only")
     subject = wrap(subject, None) if not isinstance(subject, Subject) else subject
+    all_sites(subject.n_layers, comps)  # bad options fail before any work
+    explicit, auto = parse_specs(specs, subject.n_layers)
+    if auto:  # the rule runs only after the sweep: check it now on placeholder scores
+        select_layers(np.ones(subject.n_layers), rule)
     args = dict(components=comps, positions=positions, engine=engine, only_flips=only_flips,
                 min_delta=min_delta, max_rows=max_rows, max_bytes=max_bytes, n_boot=n_boot,
                 progress=progress, logit_lens=logit_lens, merge_variants=merge_variants,
@@ -284,12 +291,10 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
     if per_position and not comps:
         raise MechloraError("per_position patches the components at each position: name "
                             f"some ({', '.join(COMPONENTS)})")
-    all_sites(subject.n_layers, comps)  # bad options fail before any work
-    explicit, auto = parse_specs(specs, subject.n_layers)
     if auto and "resid" not in comps and not {"attn", "mlp"} & set(comps):
         raise MechloraError("spec 'auto' selects from this run's scores: patch resid, attn "
                             "or mlp too")
-    base, keep = _baseline(baseline, pairs, positions)
+    base, keep = _baseline(baseline, pairs, positions, subject.n_layers, comps, merge_variants)
     plan = plan_for(subject, comps, heads=heads, per_position=per_position, specs=explicit)
     kw = dict(components=comps, positions=positions, engine=engine, only_flips=only_flips,
               min_delta=min_delta, max_rows=max_rows, max_bytes=max_bytes, n_boot=n_boot,
@@ -309,17 +314,20 @@ def localize(subject: Subject, pairs: Sequence[Pair] | Sequence[QuestionGroup] |
         result.settings["normalization"] = {
             "by": "baseline", "baseline_model": base.model, "n_pairs": base.n_pairs,
             "meaning": "every effect divided by the baseline's m(a) - m(b) for the pair"}
-    if by is not None:
-        result.labels(by)  # a bad key fails here, before anything is written
     return result
 
 
-def _baseline(baseline, pairs: Sequence[Pair], positions: str):
+def _baseline(baseline, pairs: Sequence[Pair], positions: str, n_layers: int,
+              components: Sequence[str], merge_variants: bool):
     """The baseline result and its pairs' gaps (pair id -> m(a) - m(b)), or (None, None)."""
     if baseline is None:
         return None, None
+    from mechlora.before_after import check_comparable
+
     base = baseline if isinstance(baseline, LocalizationResult) \
         else LocalizationResult.load(baseline)
+    check_comparable(base, n_layers, components, "merged" if merge_variants else "first",
+                     "this run")
     if base.positions != positions:
         raise MechloraError(f"the baseline was localized at positions '{base.positions}', "
                             f"not '{positions}': use the same positions to compare")

@@ -23,7 +23,6 @@ from mechlora.models.subject import Subject
 
 COMPONENTS = ("resid", "attn", "mlp")
 HEADS = "z"  # the output projection's input, split by head
-KINDS = (*COMPONENTS, HEADS)
 
 
 @dataclass(frozen=True, order=True)

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from peft import PeftModel, get_peft_model
 
 from mechlora.before_after import adapted, adapted_layers, compare_localizations, localize_adapter
@@ -169,3 +170,58 @@ def test_float_noise_is_not_a_shrink(planted):
     comparison = compare_localizations(base, same)
     assert comparison.shrank_at() == ([], "interval")
     assert "shrank nowhere" in comparison.verdict()
+
+
+def test_a_baseline_of_another_model_components_or_reading_is_refused(planted, tmp_path):
+    """Base and adapted runs must measure the same layers, components and choice reading:
+    else the comparison subtracts arrays of other shapes or other units."""
+    import dataclasses
+
+    from mechlora.compare.localize_arms import localize_run
+
+    base = localize(planted, more_groups(), components=["resid", "mlp"], **KW)
+    assert base.settings["choice_reading"] == "first"
+    other = dataclasses.replace(base, n_layers=7, model="other")
+    with pytest.raises(MechloraError, match=r"baseline \(other\): layers 7 there, 5 in this run"):
+        localize(planted, more_groups(), baseline=other, components=["resid", "mlp"], **KW)
+    with pytest.raises(MechloraError, match="components mlp,resid there, resid in this run"):
+        localize(planted, more_groups(), baseline=base, components=["resid"], **KW)
+    with pytest.raises(MechloraError, match="choice reading first there, merged in this run"):
+        localize(planted, more_groups(), baseline=base, components=["resid", "mlp"],
+                 merge_variants=True, **KW)
+    with pytest.raises(MechloraError, match="choice reading first there, merged in this comp"):
+        localize_run(planted, more_groups(), base, tmp_path, "sha", merge_variants=True,
+                     progress=False)
+    after = localize(planted, more_groups(), baseline=base, components=["resid", "mlp"], **KW)
+    compare_localizations(base, after)  # the same setup compares
+    fewer = dataclasses.replace(after, components=("resid",),
+                                restoration={"resid": after.restoration["resid"]})
+    with pytest.raises(MechloraError, match="components mlp,resid there, resid in the adapted"):
+        compare_localizations(base, fewer)
+    with pytest.raises(MechloraError, match="layers 7 there, 5 in the adapted localization"):
+        compare_localizations(other, after)
+
+
+def test_an_adapter_for_another_model_is_refused_and_the_model_left_as_it_was(planted, tmp_path):
+    """An adapter whose weights have another width (another base model), or whose modules
+    this model lacks: PEFT has already wrapped the layers when it fails; they are put back."""
+    from safetensors.torch import load_file, save_file
+
+    path = _untrained(planted, tmp_path / "wide")
+    weights = load_file(path / "adapter_model.safetensors")
+    # twice as wide: lora_A [r, in] along its input, lora_B [out, r] along its output
+    save_file({k: torch.cat([v, v], dim=1 if "lora_A" in k else 0) for k, v in weights.items()},
+              path / "adapter_model.safetensors")
+    config = json.loads((path / "adapter_config.json").read_text())
+    (tmp_path / "alien").mkdir()
+    (tmp_path / "alien" / "adapter_config.json").write_text(json.dumps(
+        {**config, "target_modules": ["no_such_proj"], "layers_to_transform": None,
+         "layers_pattern": None}))
+    before = _state(planted.model)
+    logits = planted.model(**planted.encode(["Is it?"], [None])).logits
+    for folder, detail in ((path, "size mismatch"), (tmp_path / "alien", "no_such_proj")):
+        with pytest.raises(MechloraError, match=f"does not fit this model.*{detail}"):
+            localize(planted, more_groups(), adapter=folder, **KW)
+        assert _state(planted.model) == before and not hasattr(planted.model, "peft_config")
+    assert torch.equal(planted.model(**planted.encode(["Is it?"], [None])).logits, logits)
+

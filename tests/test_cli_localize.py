@@ -95,6 +95,9 @@ def test_help_says_what_each_engine_costs(capsys):
     (["--min-delta", "0"], "min_delta must be a positive"),
     (["--max-bytes", "lots"], "--max-bytes 'lots' is not a size"),
     (["--max-rows", "0"], "max_rows must be at least 1"),
+    (["--spec", "15-19", "--engine", "attribution"],
+     "engine attribution estimates per-layer sites only; --spec need an exact engine"),
+    (["--heads", "--engine", "attribution"], "--heads need an exact engine"),
 ])
 def test_limits_fail_before_the_model_loads(tmp_path, small_pairs, capsys, args, message):
     code, _, err = run(["localize", "--model", "/no/such/model", "--pairs", str(small_pairs),

@@ -422,3 +422,10 @@ def test_the_single_layer_replicates_are_the_packages_one_bootstrap() -> None:
     np.testing.assert_allclose(_replicate_reductions(base, windows, metric, n_boot=300, seed=7),
                                reps[:, -1:] - reps[:, :-1])
 
+
+
+def test_the_terminal_lists_layers_as_a_spec_reads() -> None:
+    from mechlora.cli.compare import _layers
+
+    assert _layers([15, 16, 17, 18, 19]) == "15-19" and _layers([3, 7, 8, 9]) == "3,7-9"
+    assert _layers([]) == "none" and _layers(None) == "none"

@@ -141,9 +141,44 @@ def test_rerun_refuses_without_overwrite_and_resume_reuses(demo, capsys):
 @pytest.mark.parametrize("bad, message", [
     (dict(seeds=0), "--seeds must be at least 1"), (dict(window=9), "wider than organism-mid"),
     (dict(preset="organism-deep"), "unknown organism preset"), (dict(lr=0), "--lr"),
-    (dict(kl_weight=-1), "--kl-weight")])
+    (dict(kl_weight=-1), "--kl-weight"),
+    (dict(pairs_per_group=0), "DemoConfig.pairs_per_group must be at least 1"),
+    (dict(localize_groups=0), "DemoConfig.localize_groups must be at least 1")])
 def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, bad, message):
     monkeypatch.setenv("MECHLORA_HOME", str(tmp_path / "home"))
     with pytest.raises(MechloraError, match=message):
         run_demo(tmp_path / "x", DemoConfig(**bad))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "home").exists()
+
+
+def test_the_preset_seed_is_the_default_seed(tmp_path, monkeypatch, capsys):
+    """`--preset organism-mid@1` alone means seed 1 (a default --seed 0 used to conflict);
+    with another --seed it is refused before any work, in one line."""
+    assert DemoConfig(preset="organism-mid@1").seed == 1 and DemoConfig().seed == 0
+    assert DemoConfig(preset="organism-mid@1").validate().seed == 1
+    monkeypatch.setenv("MECHLORA_HOME", str(tmp_path / "home"))
+    ran = []
+    monkeypatch.setattr("mechlora.demo.run_demo", lambda out, cfg, **kw: ran.append(cfg))
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--preset", "organism-mid@1", "--out", str(tmp_path / "x"), "--quiet"])
+    assert e.value.code in (0, None) and ran[0].seed == 1 and ran[0].validate().seed == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("MECHLORA_HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--preset", "organism-mid@1", "--seed", "2", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "names seed 1 but seed=2" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "home").exists()
+
+
+def test_resume_with_rebuild_is_refused(tmp_path, monkeypatch, capsys):
+    """--rebuild retrains the organism; the demo resumed in --out would mix old and new."""
+    monkeypatch.setenv("MECHLORA_HOME", str(tmp_path / "home"))
+    with pytest.raises(MechloraError, match="--rebuild and --resume exclude each other"):
+        run_demo(tmp_path / "x", DemoConfig(rebuild=True), resume=True)
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--resume", "--rebuild", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--rebuild and --resume exclude each other" in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "home").exists()

@@ -1,6 +1,8 @@
 """Planted ground truth (tests/planted.py) for what a researcher asks after a localization:
 is the spec enough, which direction restores, which head, which position, which group."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -199,3 +201,62 @@ def test_spec_options_are_checked(tiny_text):
     assert parse_specs(["none"], 6) == ([], False) and parse_specs(" None ", 6) == ([], False)
     with pytest.raises(MechloraError, match=r"cannot come with other specs \(2-3\)"):
         parse_specs(["none", "2-3"], 6)
+
+
+def test_a_bad_rule_or_group_key_fails_before_any_model_work(tiny_text, monkeypatch):
+    """`auto` selects only after the sweep, and `by` splits only after it: both are checked
+    first, so a typo costs nothing (the sweep here would fail the test)."""
+    import sys
+
+    def no_sweep(*args, **kw):
+        raise AssertionError("the sweep ran")
+
+    monkeypatch.setattr(sys.modules["mechlora.localize"], "run_sweep", no_sweep)
+    with pytest.raises(MechloraError, match="unknown layer-selection rule 'windw:5'"):
+        localize(tiny_text, planted_groups(), specs=["auto"], rule="windw:5", **KW)
+    with pytest.raises(MechloraError, match="window:9 asks for more layers than the model's 6"):
+        localize(tiny_text, planted_groups(), specs=["auto"], rule="window:9",
+                 adapter="/nonexistent/adapter", **KW)
+    with pytest.raises(MechloraError, match="cannot split a localization by 'typ'; use type"):
+        localize(tiny_text, planted_groups(), by="typ", **KW)
+
+
+def test_an_auto_pass_that_keeps_other_pairs_stops_the_run(spread, monkeypatch):
+    """The auto spec's second pass must keep the sweep's pairs, else its per-pair values
+    would sit beside other pairs' scores: an error, also under python -O."""
+    import sys
+
+    module = sys.modules["mechlora.localize"]
+    real, calls = module.run_sweep, []
+
+    def second_drops_a_pair(*args, **kw):
+        result = real(*args, **kw)
+        calls.append(1)
+        return result.subset(np.arange(result.n_pairs - 1)) if len(calls) == 2 else result
+
+    monkeypatch.setattr(module, "run_sweep", second_drops_a_pair)
+    with pytest.raises(MechloraError, match="the auto spec's pass kept 11 pairs, the per-layer "
+                                            "sweep 12"):
+        localize(spread, more_groups(), specs=["auto"], rule="window:3", components=["mlp"],
+                 **KW)
+
+
+def test_a_selection_finds_its_localization_beside_it(tmp_path, monkeypatch):
+    """A selection's scores name their localization folder as given (relative): it is found
+    beside the selection file from any working directory."""
+    from types import SimpleNamespace
+
+    from mechlora.interventions import localization_folder
+
+    (tmp_path / "runs" / "loc").mkdir(parents=True)
+    (tmp_path / "runs" / "loc" / "localization.json").write_text("{}")
+    (tmp_path / "runs" / "sel").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    selection = SimpleNamespace(scores=SimpleNamespace(source="localization",
+                                                       settings={"path": "../loc"}))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    found = localization_folder(tmp_path / "runs" / "sel", selection)
+    assert found is not None and found.resolve() == (tmp_path / "runs" / "loc").resolve()
+    monkeypatch.chdir(tmp_path)  # the path as given from where it was given still works
+    selection.scores.settings["path"] = "runs/loc"
+    assert localization_folder(tmp_path / "runs" / "sel", selection) == Path("runs/loc")

@@ -405,3 +405,22 @@ def test_cli_builds_and_reports(tmp_path, capsys):
         run(["--preset", "organism-huge", "--quick", "--out", str(tmp_path / "p")])
     assert e.value.code == 2
     assert "unknown organism preset" in capsys.readouterr().err
+
+
+def test_a_malformed_fold_entry_is_named(tmp_path):
+    meta = tmp_path / "organism.json"
+    for folds, message in (({"negation": {"train": "a.jsonl", "validation": "b.jsonl"}},
+                            r"organism.json: fold negation has no field 'test'"),
+                           ({"negation": "a.jsonl"}, r"organism.json: fold negation is malformed"),
+                           ([], "not a finished organism build")):
+        meta.write_text(json.dumps({"files": {"folds": folds}}))
+        with pytest.raises(MechloraError, match=message):
+            load_folds(tmp_path)
+
+
+def test_the_chat_template_closes_every_user_turn_with_the_instruction():
+    from mechlora.models.tokenizer import GEMMA_CHAT_TEMPLATE
+    from mechlora.organism.questions import INSTRUCTION
+    from mechlora.organism.train import CHAT_TEMPLATE
+
+    assert INSTRUCTION not in GEMMA_CHAT_TEMPLATE and INSTRUCTION in CHAT_TEMPLATE

@@ -156,4 +156,7 @@ def summary(doc: dict) -> str:
 
 
 def _layers(layers: list[int] | None) -> str:
-    return "none" if not layers else ",".join(map(str, layers))
+    """As a layer spec reads ("15-19", "3,7-9"); the string does not depend on the depth."""
+    from mechlora.spec import LayerSpec
+
+    return "none" if not layers else str(LayerSpec.of(layers, max(layers) + 1))

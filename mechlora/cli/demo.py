@@ -13,7 +13,8 @@ from mechlora.cli import app
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Output folder."),
     preset: str = typer.Option("organism-mid", help="The model organism (docs/organism.md)."),
-    seed: int = typer.Option(0, help="Organism seed; the training seeds start at it."),
+    seed: int | None = typer.Option(None, help="Organism seed (default: the preset's @SEED, "
+                                              "else 0); the training seeds start at it."),
     window: int = typer.Option(2, help="Width of auto's window, the early window and the "
                                        "random band."),
     seeds: int = typer.Option(2, help="Training seeds per arm (seed-level intervals need 2 or "

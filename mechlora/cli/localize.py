@@ -117,9 +117,15 @@ def localize(
     from mechlora.sites import components as parse_sites
 
     per_layer, _ = parse_sites(sites)  # a bad site name fails now, before loading the model
-    from mechlora.interventions import asked_specs
+    from mechlora.interventions import asked_specs, check_options
 
-    specs = asked_specs(spec or (["auto"] if per_layer else []))  # before the model loads
+    exact = engine != "attribution"
+    # the implicit --spec auto only where it can run; an explicit --spec must be refused
+    specs = asked_specs(spec or (["auto"] if per_layer and exact else []))  # before loading
+    if not exact:
+        check_options(engine, **{"--spec": specs, "--heads": heads,
+                                 "--per-position": per_position, "--compare-to": compare_to,
+                                 "--adapter": adapter})
     if by is not None and by not in ("type", "phenomenon"):
         raise MechloraError(f"--by {by}: use type or phenomenon")
     out_dir = (prepare_out_dir(out, overwrite, inputs=reads) if main_process
@@ -139,12 +145,11 @@ def localize(
         from mechlora.result import LocalizationResult
 
         base = LocalizationResult.load(compare_to)
-    exact = engine != "attribution"
     result = run(subject, pair_list, components=[c.strip() for c in sites.split(",")],
                  positions=positions, engine=engine, only_flips=only_flips, min_delta=min_delta,
                  max_rows=max_rows, max_bytes=limit, progress=not quiet, verify_top=verify_top,
                  logit_lens=logit_lens, merge_variants=merge_variants, heads=heads,
-                 per_position=per_position, specs=specs if exact else (), rule=rule, by=by,
+                 per_position=per_position, specs=specs, rule=rule, by=by,
                  adapter=adapter, baseline=base)
     selection = None
     if result.n_pairs and result.components:

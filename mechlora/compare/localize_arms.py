@@ -19,7 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mechlora.before_after import LocalizationComparison, compare_localizations, localize_adapter
+from mechlora.before_after import (
+    LocalizationComparison,
+    check_comparable,
+    compare_localizations,
+    localize_adapter,
+)
 from mechlora.data import Pair, QuestionGroup, make_pairs
 from mechlora.io import read_json, write_json
 from mechlora.models.subject import Subject
@@ -72,6 +77,8 @@ def localize_run(subject: Subject, groups: Sequence[QuestionGroup], base: Locali
                  ) -> tuple[LocalizationComparison, bool]:
     """The adapter in `folder` against `base`, and whether it was reused from
     FOLDER/before_after/ (its comparison.json's cache_key: the adapter's weights and the base)."""
+    check_comparable(base, subject.n_layers, base.components,
+                     "merged" if merge_variants else "first", f"this comparison ({subject.name})")
     here = folder / FOLDER
     key = {"adapter_sha256": adapter_sha256, "base": fingerprint(base)}
     if (here / "comparison.json").is_file() and (here / "localization.json").is_file() \

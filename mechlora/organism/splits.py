@@ -102,20 +102,28 @@ def load_folds(folder: str | Path) -> dict[str, Fold]:
     meta_path = folder / "organism.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        entries = meta["files"]["folds"]
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, KeyError, TypeError):
+        entries = meta["files"]["folds"].items()
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, KeyError, TypeError,
+            AttributeError):
         raise MechloraError(f"{folder} is not a finished organism build with folds (no valid "
                             f"{meta_path.name}); build it with mechlora.organism.build_organism"
                             ) from None
     folds = {}
-    for name, e in entries.items():
-        paths = {k: folder / e[k] for k in ("train", "validation", "test")}
+    for name, e in entries:
+        try:
+            paths = {k: folder / e[k] for k in ("train", "validation", "test")}
+            fold = Fold(name, tuple(e["train_families"]), e["validation_family"],
+                        e["test_family"], **paths)
+        except (KeyError, TypeError) as err:
+            what = (f"has no field {err.args[0]!r}" if isinstance(err, KeyError)
+                    else f"is malformed ({err})")
+            raise MechloraError(f"{meta_path}: fold {name} {what}; rebuild the organism "
+                                "(rebuild=True)") from None
         for kind, path in paths.items():
             if not path.is_file():
                 raise MechloraError(f"{path}: the {kind} file of fold {name} is missing; "
                                     "rebuild the organism (rebuild=True)")
-        folds[name] = Fold(name, tuple(e["train_families"]), e["validation_family"],
-                           e["test_family"], **paths)
+        folds[name] = fold
     return folds
 
 
