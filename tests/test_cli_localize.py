@@ -4,15 +4,10 @@ import json
 
 import pytest
 
-from mechlora.cli import main
 from mechlora.data import EXAMPLE_PATH, load_groups, write_groups
+from tests.cli import run_cli
 
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
+run = run_cli
 
 
 @pytest.fixture

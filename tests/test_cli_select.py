@@ -7,17 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from mechlora.cli import main
 from mechlora.data import QuestionGroup, Variant, write_groups
 from mechlora.result import LocalizationResult
 from mechlora.select import Selection, band_layers
+from tests.cli import run_cli
 
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    out = capsys.readouterr()
-    return exit_info.value.code or 0, out.out, out.err
+run = run_cli
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 from mechlora.data import EXAMPLE_PATH
 from mechlora.errors import MechloraError
 from mechlora.io import MARKER, check_out_dir, prepare_out_dir
+from tests.cli import run_cli
 
 
 @pytest.fixture
@@ -27,14 +28,8 @@ def listing(folder: Path) -> list[str]:
 
 
 def cli(args: list[str], capsys) -> tuple[int, str]:
-    from mechlora.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+    code, _, err = run_cli(args, capsys)
+    return code, err
 
 
 @pytest.fixture(scope="module")

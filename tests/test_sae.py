@@ -24,6 +24,7 @@ from mechlora.sae import (
     rank_features,
     resolve_value,
 )
+from tests.cli import run_cli
 from tests.planted import planted_groups, planted_subject
 from tests.sae_planted import F_STAR, last_resid, planted_sae
 
@@ -357,13 +358,7 @@ def test_sae_dataclass_checks_its_own_shapes():
 
 # ---- command line -------------------------------------------------------------------------
 
-def run(argv, capsys):
-    from mechlora.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
+run = run_cli
 
 
 def test_cli_rank_patch_clamp(tmp_path, capsys):

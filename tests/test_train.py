@@ -24,6 +24,7 @@ from mechlora.result import LocalizationResult
 from mechlora.spec import LayerSpec
 from mechlora.train import Batcher, TrainConfig, epoch_pairs, first_token_logits, pair_terms, train
 from mechlora.training.model import add_lora
+from tests.cli import run_cli
 
 T = importlib.import_module("mechlora.train")  # the module, whatever `mechlora.train` exports
 S = importlib.import_module("mechlora.training.step")  # the seams tests patch: one update
@@ -327,16 +328,7 @@ def test_bad_data_and_arguments(groups, tmp_path) -> None:
 # ---- command line ----------------------------------------------------------------------------
 
 
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    from mechlora.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+cli = run_cli
 
 
 def test_cli_dry_run_on_medgemma_counts_the_published_numbers(capsys) -> None:

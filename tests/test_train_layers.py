@@ -15,6 +15,7 @@ from mechlora.models.presets import tiny_gemma3_vlm
 from mechlora.select import Selection, apply_selector, band_layers
 from mechlora.spec import LayerSpec, count_lora_parameters, plan
 from mechlora.train import TrainConfig, train, train_arm
+from tests.cli import run_cli
 
 GROUPS = load_groups(EXAMPLE_PATH)
 ONE_STEP = TrainConfig(max_steps=1, grad_accum=4, dropout=0.0, save_every=0)
@@ -25,16 +26,7 @@ def tiny():
     return wrap(model, processor, name="tiny-gemma3-vlm")
 
 
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    from mechlora.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+cli = run_cli
 
 
 def trainable(model) -> int:
