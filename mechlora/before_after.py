@@ -29,8 +29,9 @@ import numpy as np
 from mechlora import stats
 from mechlora.effects import mean_ci
 from mechlora.errors import MechloraError
+from mechlora.io import jsonable
 from mechlora.models.subject import Subject
-from mechlora.result import LocalizationResult, _finite
+from mechlora.result import LocalizationResult
 
 SHRINK_BY_MEANS = 0.1  # without intervals (< MIN_CLUSTERS groups): a drop of 10% of the gap
 MIN_SHRINK = 0.01  # with intervals, a drop must also average 1% of the base gap: float noise
@@ -180,7 +181,7 @@ class LocalizationComparison:
 
     def summary(self) -> dict[str, Any]:
         """The JSON document written as comparison.json."""
-        return _finite({
+        return jsonable({
             "schema_version": 1, "kind": "mechlora.localize_comparison",
             "base_model": self.base.model, "adapted_model": self.adapted.model,
             "adapter": self.adapter, "trained_layers": self.trained_layers,

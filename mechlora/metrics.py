@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from mechlora import stats
+from mechlora.io import jsonable
 
 __all__ = [
     "VariantPrediction",
@@ -320,18 +321,6 @@ def _by_phenomenon(preds: list[VariantPrediction], o: _Opts) -> dict[str, Any]:
     return out
 
 
-def _jsonable(x: Any) -> Any:
-    """nan/inf -> None, numpy scalars -> Python, tuples -> lists (strict JSON)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
 
 def _settings(level: float, n_boot: int, seed: int, **extra: Any) -> dict[str, Any]:
     return {"level": level, "n_boot": n_boot, "seed": seed,
@@ -360,7 +349,7 @@ def compute_metrics(preds: Iterable[VariantPrediction | Mapping[str, Any]], *,
         "by_phenomenon": _by_phenomenon(recs, o),
         "settings": _settings(level, n_boot, seed),
     })
-    return _jsonable(out)
+    return jsonable(out)
 
 
 # ---- per question (for statistics over seeds) ------------------------------------------------
@@ -523,4 +512,4 @@ def compare(base: Iterable[VariantPrediction | Mapping[str, Any]],
         clusters = np.asarray([gid[rb.group_id] for rb, _ in both], dtype=int)
         out[key] = binary(hb, ha, clusters, "wordings")
     out["settings"] = _settings(level, n_boot, seed, n_perm=n_perm)
-    return _jsonable(out)
+    return jsonable(out)

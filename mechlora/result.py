@@ -18,7 +18,7 @@ import numpy as np
 from mechlora import stats
 from mechlora.effects import SpecEffect, direction_of_id
 from mechlora.errors import MechloraError
-from mechlora.io import load_arrays, read_json, save_arrays, write_json
+from mechlora.io import jsonable, load_arrays, read_json, save_arrays, write_json
 
 # 2: records n_boot and how intervals were made ("interval"). 3: per-pair type, phenomenon
 # and direction; per-direction curves; optional heads, by_position, specs, groups, gap.
@@ -173,7 +173,7 @@ class LocalizationResult:
         from mechlora.breakdown import extras
 
         div = {k: _column_means(v, self.n_layers) for k, v in self.divergence.items()}
-        return _finite({
+        return jsonable({
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
             "n_layers": self.n_layers,
@@ -264,20 +264,6 @@ def as_index(rows) -> np.ndarray:
     rows = np.asarray(rows)
     return np.flatnonzero(rows) if rows.dtype == bool else rows.astype(int)
 
-
-def _finite(obj: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _finite(obj.tolist())
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def merge_results(parts: list[LocalizationResult], order: list[str]) -> LocalizationResult:

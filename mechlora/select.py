@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mechlora.errors import MechloraError
-from mechlora.io import read_json, write_json
+from mechlora.io import jsonable, read_json, write_json
 from mechlora.spec import LayerSpec
 
 SCHEMA_VERSION = 1
@@ -131,7 +131,7 @@ class Selection:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document written as selection.json (schema in docs/select.md)."""
-        return _finite({
+        return jsonable({
             "schema_version": SCHEMA_VERSION, "kind": "mechlora.selection",
             "selector": self.selector, "source": self.source, "model": self.model,
             "n_layers": self.spec.n_layers, "rule": self.rule, "spec": str(self.spec),
@@ -328,18 +328,6 @@ def band_layers(name: str, k: int | str, n_layers: int, *, seed: int = 0,
 def _scored(scores: Scores) -> str:
     return "score" if scores.source == "localization" else f"{scores.source} score"
 
-
-def _finite(obj: Any) -> Any:
-    """JSON-ready: arrays to lists, NaN/inf to null."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_finite(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 # ---- rules ----------------------------------------------------------------------------------

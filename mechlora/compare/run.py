@@ -35,7 +35,7 @@ from mechlora.compare.summary import (
 )
 from mechlora.data import QuestionGroup, data_hash
 from mechlora.errors import MechloraError
-from mechlora.io import prepare_out_dir, read_json, read_jsonl, write_json, write_jsonl
+from mechlora.io import jsonable, prepare_out_dir, read_json, read_jsonl, write_json, write_jsonl
 from mechlora.metrics import LOW_CHOICE_MASS, VariantPrediction
 from mechlora.models.choices import LOW_MASS_NOTE
 from mechlora.models.subject import Subject
@@ -444,7 +444,7 @@ def _document(subject, cfg: TrainConfig, seeds, arms: list[Arm], ref, score_sets
         singles.setdefault(a.single, {})[a.name] = (
             runs[a.name][seeds[0]]["selection"].spec.layers, tables[a.name])
     notes = _notes(seeds, train_groups, eval_groups, base, runs)
-    return _finite({
+    return jsonable({
         "schema_version": SCHEMA_VERSION, "kind": "mechlora.compare",
         "model": subject.name, "n_layers": subject.n_layers, "layers_path": subject.layers_path,
         "data": {"train": _data(train_groups), "eval": _data(eval_groups)},
@@ -541,15 +541,3 @@ def _mass(preds: list[VariantPrediction]) -> float:
     values = [p.choice_mass for p in preds if np.isfinite(p.choice_mass)]
     return float(np.mean(values)) if values else float("nan")
 
-
-def _finite(obj: Any) -> Any:
-    """JSON-ready: arrays and tuples to lists, NaN/inf to null, numpy scalars to Python."""
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_finite(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj

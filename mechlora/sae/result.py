@@ -16,6 +16,7 @@ import numpy as np
 from mechlora import stats
 from mechlora.errors import MechloraError
 from mechlora.io import (
+    jsonable,
     load_arrays,
     prepare_out_dir,
     read_json,
@@ -28,18 +29,6 @@ from mechlora.io import (
 SCHEMA_VERSION = 1
 FILE = "sae.json"
 
-
-def finite(obj: Any) -> Any:
-    """JSON-ready: numpy to Python, NaN/inf to null."""
-    if isinstance(obj, dict):
-        return {str(k): finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [finite(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 def column_means(values: np.ndarray) -> np.ndarray:
@@ -113,7 +102,7 @@ class FeatureRanking:
         rows = [{"rank": i + 1, "id": int(f), "mean": self.mean[f], "ci_low": lo[i],
                  "ci_high": hi[i], "active_share": self.active[f]}
                 for i, f in enumerate(self.top)]
-        return finite({
+        return jsonable({
             "schema_version": SCHEMA_VERSION, "operation": "rank", "model": self.model,
             "layer": self.layer, "site": f"resid@{self.layer}", "positions": self.positions,
             "score": self.score, "sae": self.sae, "n_pairs": self.n_pairs,
@@ -205,7 +194,7 @@ class FeaturePatchResult:
                          "ci_high": hi[i]})
         err = self.error_share()
         e_lo, e_hi = stats.bootstrap_ci(np.asarray(self.group_ids), err, n_boot=self.n_boot)
-        return finite({
+        return jsonable({
             "schema_version": SCHEMA_VERSION, "operation": "patch", "model": self.model,
             "layer": self.layer, "site": f"resid@{self.layer}", "positions": self.positions,
             "engine": self.engine, "sae": self.sae, "features": self.features,
@@ -280,7 +269,7 @@ class ClampResult:
         return out
 
     def summary(self) -> dict[str, Any]:
-        return finite({
+        return jsonable({
             "schema_version": SCHEMA_VERSION, "operation": "clamp", "model": self.model,
             "layer": self.layer, "site": f"resid@{self.layer}", "positions": self.positions,
             "feature": self.feature, "value": {"spec": self.value_spec, "value": self.value},
