@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from mechlora.cli import app
+from mechlora.cli import app, recipe
 from mechlora.train import TrainConfig
 
 D = TrainConfig()  # the published recipe: every default below comes from here
@@ -33,40 +33,31 @@ def train(
     rule: str = typer.Option(D.rule, help="Selection rule for --layers auto: window:K, mass:P, "
                              "topk:K."),
     out: Path = typer.Option(None, "--out", "-o", help="Adapter folder to write."),
-    r: int = typer.Option(D.r, "--r", help="LoRA rank."),
-    alpha: int = typer.Option(D.alpha, help="LoRA alpha."),
-    dropout: float = typer.Option(D.dropout, help="LoRA dropout."),
-    modules: str = typer.Option(",".join(D.modules), help="Projections to adapt, comma "
-                                "separated."),
-    lr: float = typer.Option(D.lr, help="Peak learning rate (AdamW)."),
-    batch_size: int = typer.Option(D.batch_size, help="Pairs per accumulation step."),
-    grad_accum: int = typer.Option(D.grad_accum, help="Accumulation steps per update."),
-    micro_batch: int = typer.Option(D.micro_batch, help="Pairs per forward (memory bound); 0: "
-                                    "all pairs of an update at once. Same gradient either way; "
-                                    "halved by itself after an out-of-memory error."),
-    epochs: int = typer.Option(D.epochs, help="Epochs (one random pair per group each)."),
-    max_steps: int = typer.Option(D.max_steps, help="Stop after this many updates (0: no cap)."),
-    warmup: int = typer.Option(D.warmup, help="Warmup updates."),
-    schedule: str = typer.Option(D.schedule, help="linear | cosine | constant."),
-    weight_decay: float = typer.Option(D.weight_decay, help="AdamW weight decay."),
-    max_grad_norm: float = typer.Option(D.max_grad_norm, help="Gradient clipping (0: none)."),
-    kl_weight: float = typer.Option(D.kl_weight, help="Weight of the symmetric KL term."),
-    kl_temperature: float = typer.Option(D.kl_temperature, help="Softmax temperature of the KL."),
-    kl_over: str = typer.Option(D.kl_over, help="vocab (full vocabulary) | choices (the "
-                                "choices' first tokens, renormalised)."),
-    merge_variants: bool = typer.Option(
-        D.merge_variants, help="Read each choice as all its case and leading-space variants "
-        "(' yes', 'Yes', ...): CE on their summed probability (docs/train.md)."),
+    r: recipe.R = D.r,
+    alpha: recipe.Alpha = D.alpha,
+    dropout: recipe.Dropout = D.dropout,
+    modules: recipe.Modules = ",".join(D.modules),
+    lr: recipe.Lr = D.lr,
+    batch_size: recipe.BatchSize = D.batch_size,
+    grad_accum: recipe.GradAccum = D.grad_accum,
+    micro_batch: recipe.MicroBatch = D.micro_batch,
+    epochs: recipe.Epochs = D.epochs,
+    max_steps: recipe.MaxSteps = D.max_steps,
+    warmup: recipe.Warmup = D.warmup,
+    schedule: recipe.Schedule = D.schedule,
+    weight_decay: recipe.WeightDecay = D.weight_decay,
+    max_grad_norm: recipe.MaxGradNorm = D.max_grad_norm,
+    kl_weight: recipe.KlWeight = D.kl_weight,
+    kl_temperature: recipe.KlTemperature = D.kl_temperature,
+    kl_over: recipe.KlOver = D.kl_over,
+    merge_variants: recipe.MergeVariants = D.merge_variants,
     seed: int = typer.Option(D.seed, help="Seed of the LoRA init, pair draws and dropout."),
-    save_every: int = typer.Option(D.save_every, help="Checkpoint every N updates (0: never)."),
+    save_every: recipe.SaveEvery = D.save_every,
     keep_checkpoints: int = typer.Option(D.keep_checkpoints, help="Checkpoints to keep."),
     eval_pairs: Path = typer.Option(None, help="Held-out data for a periodic flip-rate check."),
     eval_every: int = typer.Option(D.eval_every, help="Check every N updates (0: each epoch)."),
-    gradient_checkpointing: bool = typer.Option(D.gradient_checkpointing,
-                                                help="Recompute activations in the backward "
-                                                "(on a GPU, turned on by itself when the "
-                                                "estimated peak memory would not fit)."),
-    bf16: bool = typer.Option(D.bf16, help="bf16 autocast on GPU."),
+    gradient_checkpointing: recipe.GradientCheckpointing = D.gradient_checkpointing,
+    bf16: recipe.Bf16 = D.bf16,
     skip_nonfinite: int = typer.Option(D.skip_nonfinite, help="Skip up to N updates whose loss "
                                        "is not finite (logged) before stopping; 0: stop at the "
                                        "first."),
